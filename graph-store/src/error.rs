@@ -1,0 +1,79 @@
+use feedgraph_model::{BoardId, UserId};
+
+/// Everything a shard operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// RocksDB reported an error (I/O, or a failed merge on a corrupt operand).
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+
+    #[error("i/o on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A stored value could not be decoded.
+    #[error("corrupt value in column family `{cf}` at key {key}: {what}")]
+    Corrupt { cf: &'static str, key: String, what: &'static str },
+
+    /// A write names a board that does not exist on this shard.
+    #[error("board {0} not found")]
+    BoardNotFound(BoardId),
+
+    /// A write names a pin or board whose stored owner is another user.
+    #[error("{what} belongs to user {actual}, not {claimed}")]
+    OwnerMismatch { what: String, actual: UserId, claimed: UserId },
+
+    /// A pin appears twice as new in one write batch with different content.
+    #[error("invalid write: {0}")]
+    InvalidWrite(String),
+
+    /// The shard holds 2^32 - 1 pins: no ordinal is left.
+    #[error("ordinal space exhausted on shard {shard}")]
+    OrdinalsExhausted { shard: u32 },
+
+    /// The directory holds another shard's data.
+    #[error("directory holds shard {found}, expected shard {expected}")]
+    ShardMismatch { expected: u32, found: u32 },
+
+    /// The directory was written by an incompatible schema version.
+    #[error("schema version {found} is not supported (this build reads {supported})")]
+    SchemaVersion { found: u32, supported: u32 },
+
+    /// The WAL no longer reaches the requested sequence number (it was purged, or a
+    /// bulk ingestion bypassed it). The follower must re-bootstrap from a checkpoint.
+    #[error(
+        "wal gap: updates after sequence {since} were requested but the log continues at {next_available:?}"
+    )]
+    WalGap { since: u64, next_available: Option<u64> },
+
+    /// A follower asked for updates after a sequence number the shard never reached:
+    /// its history diverged (for example a demoted leader) and it must be rebuilt.
+    #[error("sequence {since} is ahead of this shard's latest sequence {latest}")]
+    AheadOfLog { since: u64, latest: u64 },
+}
+
+impl Error {
+    pub(crate) fn corrupt(cf: &'static str, key: &[u8], what: &'static str) -> Self {
+        let key = key.iter().map(|b| format!("{b:02x}")).collect();
+        Error::Corrupt { cf, key, what }
+    }
+
+    /// `Ok` when the stored owner is the claimed one; `what` names the object.
+    pub(crate) fn check_owner(what: impl FnOnce() -> String, actual: UserId, claimed: UserId) -> Result<()> {
+        if actual == claimed { Ok(()) } else { Err(Error::OwnerMismatch { what: what(), actual, claimed }) }
+    }
+
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Error::Io { path: path.display().to_string(), source }
+    }
+
+    /// True for errors caused by the request rather than the shard's state.
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, Error::BoardNotFound(_) | Error::OwnerMismatch { .. } | Error::InvalidWrite(_))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
