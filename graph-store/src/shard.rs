@@ -1,6 +1,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use feedgraph_model::{
@@ -57,6 +58,8 @@ pub struct ShardOptions {
     pub write_buffer_bytes: usize,
     /// RocksDB background flush/compaction threads.
     pub background_jobs: i32,
+    /// In-memory cache of decoded adjacency and filter bitmaps, in bytes (0 = off).
+    pub bitmap_cache_bytes: u64,
 }
 
 impl ShardOptions {
@@ -68,6 +71,7 @@ impl ShardOptions {
             block_cache_bytes: 64 << 20,
             write_buffer_bytes: 32 << 20,
             background_jobs: 2,
+            bitmap_cache_bytes: 64 << 20,
         }
     }
 }
@@ -144,6 +148,63 @@ pub struct Shard {
     /// allocation, commit and attribute update happen in one order.
     writer: Mutex<WriterState>,
     attrs: RwLock<PinAttributes>,
+    cache: BitmapCache,
+}
+
+/// Decoded hot bitmaps (user, board, topic adjacency and filters), invalidated exactly:
+/// a write invalidates the keys its merge operands touched.
+///
+/// A reader that fetched a bitmap from RocksDB caches it only if no write committed
+/// since it started reading (`generation` unchanged), checked under `gate`; a writer
+/// bumps `generation` and invalidates under the same gate after its commit. So a value
+/// read before a commit is either inserted before the writer's invalidation (and
+/// removed by it) or not inserted at all.
+struct BitmapCache {
+    entries: moka::sync::Cache<(u8, u64), Arc<RoaringBitmap>>,
+    generation: AtomicU64,
+    gate: RwLock<()>,
+}
+
+impl BitmapCache {
+    fn new(bytes: u64) -> Self {
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(bytes)
+            .weigher(|_, v: &Arc<RoaringBitmap>| u32::try_from(v.serialized_size() + 64).unwrap_or(u32::MAX))
+            .build();
+        Self { entries, generation: AtomicU64::new(0), gate: RwLock::new(()) }
+    }
+
+    /// Cache key of a bitmap key, for the cached families.
+    fn key(cf: &str, key: &[u8]) -> Option<(u8, u64)> {
+        let id = match key.len() {
+            8 => u64::from_be_bytes(key.try_into().ok()?),
+            4 => u64::from(u32::from_be_bytes(key.try_into().ok()?)),
+            _ => 0,
+        };
+        match cf {
+            CF_USER_PINS => Some((1, id)),
+            CF_BOARD_PINS => Some((2, id)),
+            CF_TOPIC_PINS => Some((3, id)),
+            CF_FILTERS => FilterKind::ALL.iter().position(|k| k.key() == key).map(|i| (4, i as u64)),
+            _ => None,
+        }
+    }
+
+    /// Called after a commit, with the keys it changed (`None`: everything).
+    fn invalidate<'k>(&self, keys: Option<impl Iterator<Item = (&'k str, &'k [u8])>>) {
+        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        match keys {
+            Some(keys) => {
+                for (cf, key) in keys {
+                    if let Some(k) = Self::key(cf, key) {
+                        self.entries.invalidate(&k);
+                    }
+                }
+            }
+            None => self.entries.invalidate_all(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Shard {
@@ -206,6 +267,7 @@ impl Shard {
             path,
             writer: Mutex::new(WriterState { next_ordinal: 0 }),
             attrs: RwLock::new(PinAttributes::default()),
+            cache: BitmapCache::new(opts.bitmap_cache_bytes),
         };
         shard.check_meta(opts.shard_id)?;
         shard.rebuild_attributes()?;
@@ -330,6 +392,7 @@ impl Shard {
         }
         self.commit(batch, durability)?;
         writer.next_ordinal = next_ordinal;
+        self.cache.invalidate(Some(deltas.keys().map(|(cf, key)| (*cf, key.as_slice()))));
         let mut attrs = self.attrs_mut();
         for (ordinal, rec) in &records {
             attrs.set(*ordinal, rec);
@@ -502,6 +565,7 @@ impl Shard {
             batch.put_cf(self.cf(CF_META), META_NEXT_ORDINAL, u64::from(next).to_le_bytes());
             self.commit(std::mem::take(&mut batch), Durability::Buffered)?;
             writer.next_ordinal = next;
+            self.cache.invalidate(None::<std::iter::Empty<(&str, &[u8])>>);
             {
                 let mut attrs = self.attrs_mut();
                 attrs.reserve(new_records.len());
@@ -606,6 +670,47 @@ impl Shard {
                 None => Ok(RoaringBitmap::new()),
             })
             .collect()
+    }
+
+    /// `bitmaps` through the cache, in input order.
+    fn bitmaps_cached(&self, cf: &'static str, keys: Vec<Vec<u8>>) -> Result<Vec<Arc<RoaringBitmap>>> {
+        let mut out: Vec<Option<Arc<RoaringBitmap>>> =
+            keys.iter().map(|k| BitmapCache::key(cf, k).and_then(|ck| self.cache.entries.get(&ck))).collect();
+        let missing: Vec<usize> = (0..keys.len()).filter(|i| out[*i].is_none()).collect();
+        if !missing.is_empty() {
+            let generation = self.cache.generation.load(Ordering::Acquire);
+            let fetched = self.bitmaps(cf, missing.iter().map(|i| keys[*i].clone()).collect())?;
+            let _gate = self.cache.gate.read().unwrap_or_else(|e| e.into_inner());
+            let fresh = self.cache.generation.load(Ordering::Acquire) == generation;
+            for (i, bitmap) in missing.into_iter().zip(fetched) {
+                let bitmap = Arc::new(bitmap);
+                if fresh && let Some(ck) = BitmapCache::key(cf, &keys[i]) {
+                    self.cache.entries.insert(ck, bitmap.clone());
+                }
+                out[i] = Some(bitmap);
+            }
+        }
+        Ok(out.into_iter().map(|b| b.unwrap_or_default()).collect())
+    }
+
+    /// Cached `user_pins` of many users, in input order (the retrieval hot path).
+    pub fn user_pins_cached(&self, users: &[UserId]) -> Result<Vec<Arc<RoaringBitmap>>> {
+        self.bitmaps_cached(CF_USER_PINS, users.iter().map(|u| u64_key(u.get()).to_vec()).collect())
+    }
+
+    /// Cached `board_pins` of many boards, in input order.
+    pub fn board_pins_cached(&self, boards: &[BoardId]) -> Result<Vec<Arc<RoaringBitmap>>> {
+        self.bitmaps_cached(CF_BOARD_PINS, boards.iter().map(|b| u64_key(b.get()).to_vec()).collect())
+    }
+
+    /// Cached `topic_pins` of many topics, in input order.
+    pub fn topic_pins_cached(&self, topics: &[TopicId]) -> Result<Vec<Arc<RoaringBitmap>>> {
+        self.bitmaps_cached(CF_TOPIC_PINS, topics.iter().map(|t| u32_key(t.get()).to_vec()).collect())
+    }
+
+    /// Cached filter bitmaps, in [`FilterKind::ALL`] order.
+    pub fn filters_cached(&self) -> Result<Vec<Arc<RoaringBitmap>>> {
+        self.bitmaps_cached(CF_FILTERS, FilterKind::ALL.iter().map(|k| k.key().to_vec()).collect())
     }
 
     /// Ordinals of the pins a user owns (empty for an unknown user).
@@ -1337,6 +1442,43 @@ mod tests {
         assert_eq!(s.board_pins(bid(1)).unwrap(), expected);
         s.compact().unwrap();
         assert_eq!(s.board_pins(bid(1)).unwrap(), expected);
+    }
+
+    #[test]
+    fn cached_bitmaps_follow_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let r = |p| PinRef { pin: pid(p), owner: uid(10) };
+        s.write(&[board(1, 10), board(2, 10), pin(100, 10, 1, 1, &[5])], Durability::Buffered).unwrap();
+        let read = |s: &Shard| {
+            (
+                ids(&s.board_pins_cached(&[bid(1), bid(2)]).unwrap()[0]),
+                ids(&s.board_pins_cached(&[bid(2)]).unwrap()[0]),
+                ids(&s.topic_pins_cached(&[tid(5)]).unwrap()[0]),
+                ids(&s.user_pins_cached(&[uid(10)]).unwrap()[0]),
+                ids(&s.filters_cached().unwrap()[1]),
+            )
+        };
+        assert_eq!(read(&s), (vec![0], vec![], vec![0], vec![0], vec![]));
+        // Cached now; every kind of change must show through.
+        s.write(&[pin(101, 10, 1, 2, &[5]), pin(100, 10, 2, 1, &[])], Durability::Buffered).unwrap();
+        assert_eq!(read(&s), (vec![1], vec![0], vec![1], vec![0, 1], vec![]));
+        s.write(&[Mutation::FlagPin { pin: r(101), flag: PinFlag::Spam, on: true }], Durability::Buffered)
+            .unwrap();
+        assert_eq!(read(&s).4, vec![1]);
+        let load = BulkLoad {
+            pins: vec![Pin {
+                id: pid(102),
+                owner: uid(10),
+                board: bid(2),
+                created_at_ms: 3,
+                topics: vec![tid(5)],
+                signals: PinSignals::default(),
+            }],
+            ..Default::default()
+        };
+        s.bulk_load(load, 10, &mut |_| {}).unwrap();
+        assert_eq!(read(&s), (vec![1], vec![0, 2], vec![1, 2], vec![0, 1, 2], vec![1]));
     }
 
     #[test]

@@ -73,6 +73,18 @@ id_type!(
     u32
 );
 
+/// The logical shard holding a user's content and follow lists, out of `shard_count`.
+/// A fixed function of the id (a 64-bit mix, then modulo), so every node and client
+/// computes the same placement.
+pub fn shard_of(user: UserId, shard_count: u32) -> u32 {
+    // splitmix64's finaliser: consecutive ids spread evenly over the shards.
+    let mut z = user.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z % u64::from(shard_count.max(1))) as u32
+}
+
 /// Milliseconds since the Unix epoch.
 pub type TimestampMs = i64;
 
@@ -297,6 +309,17 @@ pub enum Durability {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_of_is_stable_and_spreads() {
+        let mut counts = [0u32; 16];
+        for u in 1..=16_000u64 {
+            counts[shard_of(UserId::new(u).unwrap(), 16) as usize] += 1;
+        }
+        assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
+        assert_eq!(shard_of(UserId::new(42).unwrap(), 16), shard_of(UserId::new(42).unwrap(), 16));
+        assert_eq!(shard_of(UserId::new(42).unwrap(), 1), 0);
+    }
 
     #[test]
     fn zero_is_not_an_id() {

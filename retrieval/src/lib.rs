@@ -1,8 +1,45 @@
-//! Retrieval for feedgraph (filled by the issue "Following and home feeds end to end").
+//! Retrieval for feedgraph: the shard-local candidate query and the broker.
 //!
-//! Will own: the shard-local candidate query (OR of followed users' / boards' / topics'
-//! bitmaps → AND-NOT filters → newest-first scan with a work bound → drop seen pins and
-//! blocked owners → light score → top-K with features), and the broker: follows lookup
-//! (cached), grouping by owner shard, scatter with deadlines, gather and merge, ML
-//! re-rank with fallback, diversity caps, home-feed blending and cursor pagination.
-//! Speaks `feedgraph-model` types only; prost types stop in `proto` and `server`.
+//! Owns: the candidate query run next to the data ([`query`]: OR of followed users' /
+//! boards' / topics' bitmaps → AND-NOT filters and seen pins → newest-first scan with a
+//! work bound → drop blocked owners → light score → top-K per group, with features);
+//! the broker ([`broker`]: write routing, follows cache, scatter with deadlines, gather,
+//! merge, home-feed blending, diversity caps, rankings cached for pagination); the pure
+//! ranking steps ([`rank`]); and authenticated cursors ([`cursor`]).
+//!
+//! Invariants: speaks `feedgraph-model` types only (prost stops in `proto` and
+//! `server`); never blocks the async executor — every RocksDB call runs on the blocking
+//! pool; a shard that misses its deadline makes a page partial and flagged, never an
+//! error; pages of one ranking concatenate to one list without duplicates.
+
+pub mod broker;
+pub mod cursor;
+pub mod query;
+pub mod rank;
+
+pub use broker::{Broker, BrokerConfig, FeedPage, FeedStats, Scoring, WriteResult};
+pub use cursor::FeedKind;
+pub use query::{Candidate, Source};
+
+/// Everything the broker can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed; `field` names the offending field.
+    #[error("invalid field `{field}`: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    /// Something the request names does not exist (a pin's board, a followed board).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The service is not in a state to do this (for example semi-sync without
+    /// replicas).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A shard operation failed.
+    #[error(transparent)]
+    Store(#[from] feedgraph_graph_store::Error),
+    /// A task died; a bug, not the request's fault.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,534 @@
+//! The broker: routes writes to shards, and builds feeds — follows of the user (cached)
+//! → grouped by owner shard → scatter with a deadline → gather → merge → blend (home) →
+//! diversified pages → opaque cursor.
+//!
+//! Pagination serves slices of one ranking: the first page computes the whole ranked
+//! list (up to `max_ranked` items) and caches it; later pages read the cache, or
+//! recompute from the snapshot in the cursor (same "now", same per-shard ordinal bounds)
+//! when the cache no longer has it. So pages concatenate to one ranked list even when
+//! pins arrive in between.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use feedgraph_graph_store::{Follows, Shard, WriteOutcome};
+use feedgraph_model::{Ack, BoardId, FeedRequest, FollowTarget, Mutation, PinRef, TopicId, UserId, shard_of};
+use feedgraph_scoring::Expr;
+use moka::sync::Cache;
+
+use crate::cursor::{CursorCodec, CursorState, FeedKind};
+use crate::query::{self, Candidate, CandidateQuery, ShardAnswer};
+use crate::rank;
+use crate::{Error, Result};
+
+/// Broker settings (validated by the server's configuration layer).
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Largest `page_size` accepted.
+    pub max_page_size: u32,
+    /// Candidates each shard returns per group (following, interest).
+    pub candidates_per_shard: usize,
+    /// Candidates each shard examines at most, newest first.
+    pub scan_limit: usize,
+    /// How long the broker waits for a shard; later answers are dropped and the
+    /// response is flagged partial.
+    pub shard_deadline: Duration,
+    /// Length of a ranking (items over all its pages).
+    pub max_ranked: usize,
+    /// At most this many items of one owner on a page.
+    pub max_per_owner: usize,
+    /// At most this many items of one board on a page.
+    pub max_per_board: usize,
+    /// Share of home-feed positions given to interest candidates.
+    pub home_interest_share: f64,
+    /// How many of the user's newest own pins (saves) define their engaged topics.
+    pub engaged_recent_pins: usize,
+    /// How many engaged topics the home feed draws from.
+    pub engaged_topics: usize,
+    /// How long a computed ranking stays cached for its later pages.
+    pub ranking_ttl: Duration,
+    pub ranking_cache_entries: u64,
+    pub follows_cache_entries: u64,
+    /// Named light-score expressions.
+    pub rankings: BTreeMap<String, Arc<Expr>>,
+    /// The ranking used when a request names none.
+    pub default_ranking: String,
+    /// Fault injection for tests and drills: extra latency per shard.
+    pub shard_delays: HashMap<u32, Duration>,
+}
+
+/// One page of a feed.
+#[derive(Clone, Debug)]
+pub struct FeedPage {
+    pub items: Vec<Candidate>,
+    pub next_cursor: Option<String>,
+    pub stats: FeedStats,
+}
+
+/// How a page was made.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FeedStats {
+    pub candidates_scanned: u64,
+    pub shards_asked: u32,
+    pub shards_answered: u32,
+    /// Some shard did not answer in time (or failed): built from the others.
+    pub partial: bool,
+    pub scoring: Scoring,
+    /// The page came from a cached ranking (no shard was asked for it).
+    pub from_cache: bool,
+}
+
+/// Which scorer ranked a page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scoring {
+    /// Light-score expression only.
+    #[default]
+    Light,
+}
+
+/// What a write did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteResult {
+    pub applied: usize,
+    pub unknown_pins: usize,
+    /// Per shard touched: its latest sequence number after the commit.
+    pub commits: Vec<(u32, u64)>,
+}
+
+struct Ranking {
+    pages: Vec<Vec<Candidate>>,
+    stats: FeedStats,
+}
+
+/// Routes writes and builds feeds over a set of local shards.
+pub struct Broker {
+    shards: Arc<Vec<Arc<Shard>>>,
+    cfg: BrokerConfig,
+    follows: Cache<UserId, Arc<Follows>>,
+    rankings: Cache<u64, Arc<Ranking>>,
+    cursors: CursorCodec,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("shards", &self.shards.len()).finish()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+}
+
+impl Broker {
+    /// `shards[i]` must hold logical shard `i`. `cursor_key` authenticates cursors: keep
+    /// it across restarts so that cursors stay valid.
+    pub fn new(shards: Vec<Arc<Shard>>, cfg: BrokerConfig, cursor_key: [u8; 32]) -> Result<Self> {
+        if shards.is_empty() {
+            return Err(Error::FailedPrecondition("a broker needs at least one shard".into()));
+        }
+        if let Some((i, s)) = shards.iter().enumerate().find(|(i, s)| s.id() as usize != *i) {
+            return Err(Error::FailedPrecondition(format!("shard at position {i} holds shard {}", s.id())));
+        }
+        if !cfg.rankings.contains_key(&cfg.default_ranking) {
+            return Err(Error::FailedPrecondition(format!(
+                "default ranking `{}` is not defined",
+                cfg.default_ranking
+            )));
+        }
+        let follows = Cache::builder().max_capacity(cfg.follows_cache_entries).build();
+        let rankings =
+            Cache::builder().max_capacity(cfg.ranking_cache_entries).time_to_live(cfg.ranking_ttl).build();
+        Ok(Self { shards: Arc::new(shards), cfg, follows, rankings, cursors: CursorCodec::new(cursor_key) })
+    }
+
+    pub fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.cfg
+    }
+
+    fn shard_for(&self, user: UserId) -> Arc<Shard> {
+        self.shards[shard_of(user, self.shard_count()) as usize].clone()
+    }
+
+    // ------------------------------------------------------------------ writes
+
+    /// Applies a validated batch: boards named by pins and board follows are checked
+    /// first (nothing is written if one is missing), then each shard's part is
+    /// committed atomically. A failure on one shard after another committed is
+    /// reported as an error; the committed part stays (no cross-shard transactions).
+    pub async fn write(&self, mutations: Vec<Mutation>, ack: Ack) -> Result<WriteResult> {
+        if ack == Ack::SemiSync {
+            return Err(Error::FailedPrecondition(
+                "ack SEMI_SYNC needs follower replicas; this node serves without replication".into(),
+            ));
+        }
+        let mutations: Vec<Mutation> =
+            mutations.into_iter().flat_map(Mutation::split_impressions_by_owner).collect();
+        self.check_boards(&mutations).await?;
+
+        let mut per_shard: BTreeMap<u32, Vec<Mutation>> = BTreeMap::new();
+        let mut follow_changes: HashSet<UserId> = HashSet::new();
+        for m in mutations {
+            match &m {
+                Mutation::Follow { follower, .. } | Mutation::Unfollow { follower, .. } => {
+                    follow_changes.insert(*follower);
+                }
+                Mutation::BlockUser { user, .. } | Mutation::UnblockUser { user, .. } => {
+                    follow_changes.insert(*user);
+                }
+                _ => {}
+            }
+            // Every mutation left after the split names a user (an empty impression
+            // list has nothing to route and nothing to do).
+            let Some(user) = m.routing_user() else { continue };
+            per_shard.entry(shard_of(user, self.shard_count())).or_default().push(m);
+        }
+        let durability = ack.local_durability();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (shard_id, muts) in per_shard {
+            let shard = self.shards[shard_id as usize].clone();
+            tasks.spawn_blocking(move || -> Result<(u32, WriteOutcome)> {
+                Ok((shard_id, shard.write(&muts, durability)?))
+            });
+        }
+        let mut result = WriteResult::default();
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined.map_err(|e| Error::Internal(format!("write task failed: {e}"))).and_then(|r| r) {
+                Ok((shard, outcome)) => {
+                    result.applied += outcome.applied;
+                    result.unknown_pins += outcome.unknown_pins;
+                    result.commits.push((shard, outcome.sequence));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        for user in follow_changes {
+            self.follows.invalidate(&user);
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        result.commits.sort_unstable();
+        Ok(result)
+    }
+
+    /// Every pin's board and every followed board must exist on its owner's shard (or
+    /// be created earlier in the same request), with that owner.
+    async fn check_boards(&self, mutations: &[Mutation]) -> Result<()> {
+        let mut created: HashMap<BoardId, UserId> = HashMap::new();
+        let mut to_check: Vec<(BoardId, UserId, String)> = Vec::new();
+        for (i, m) in mutations.iter().enumerate() {
+            match m {
+                Mutation::UpsertBoard(b) => {
+                    created.insert(b.id, b.owner);
+                }
+                Mutation::UpsertPin(p) => {
+                    to_check.push((p.board, p.owner, format!("mutations[{i}].upsert_pin.board_id")))
+                }
+                Mutation::Follow { target: FollowTarget::Board { board, owner }, .. } => {
+                    to_check.push((*board, *owner, format!("mutations[{i}].follow.target.board")))
+                }
+                _ => {}
+            }
+        }
+        to_check.retain(|(board, owner, _)| created.get(board) != Some(owner));
+        if to_check.is_empty() {
+            return Ok(());
+        }
+        let shards = self.shards.clone();
+        let count = self.shard_count();
+        blocking(move || {
+            let mut known: HashMap<BoardId, Option<UserId>> = HashMap::new();
+            for (board, owner, field) in to_check {
+                if let Some(claimed) = created.get(&board) {
+                    return Err(Error::InvalidArgument {
+                        field,
+                        reason: format!(
+                            "board {board} is created in this request for user {claimed}, not {owner}"
+                        ),
+                    });
+                }
+                let stored = match known.get(&board) {
+                    Some(o) => *o,
+                    None => {
+                        let o = shards[shard_of(owner, count) as usize].board(board)?.map(|b| b.owner);
+                        known.insert(board, o);
+                        o
+                    }
+                };
+                match stored {
+                    None => return Err(Error::NotFound(format!("board {board} of user {owner} ({field})"))),
+                    Some(actual) if actual != owner => {
+                        return Err(Error::InvalidArgument {
+                            field,
+                            reason: format!("board {board} belongs to user {actual}, not {owner}"),
+                        });
+                    }
+                    Some(_) => {}
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    // ------------------------------------------------------------------ reads
+
+    /// A user's follow lists, cached until the user's next follow or block change.
+    pub async fn follows_of(&self, user: UserId) -> Result<Arc<Follows>> {
+        if let Some(f) = self.follows.get(&user) {
+            return Ok(f);
+        }
+        let shard = self.shard_for(user);
+        let f = Arc::new(blocking(move || Ok(shard.follows(user)?)).await?);
+        self.follows.insert(user, f.clone());
+        Ok(f)
+    }
+
+    /// A pin with its flags; `None` when its owner's shard does not hold it.
+    pub async fn pin(&self, pin: PinRef) -> Result<Option<feedgraph_graph_store::PinRecord>> {
+        let shard = self.shard_for(pin.owner);
+        blocking(move || Ok(shard.pin(pin.pin)?.map(|(_, r)| r).filter(|r| r.owner == pin.owner))).await
+    }
+
+    /// Topics of the user's newest own pins (their saves), most frequent first,
+    /// excluding `exclude`.
+    async fn engaged_topics(&self, user: UserId, exclude: &[TopicId]) -> Result<Vec<TopicId>> {
+        let shard = self.shard_for(user);
+        let (recent, wanted) = (self.cfg.engaged_recent_pins, self.cfg.engaged_topics);
+        let exclude: HashSet<TopicId> = exclude.iter().copied().collect();
+        blocking(move || {
+            let mut counts: HashMap<TopicId, usize> = HashMap::new();
+            for ordinal in shard.user_pins(user)?.iter().rev().take(recent) {
+                if let Some(rec) = shard.pin_at(ordinal)? {
+                    for t in rec.topics {
+                        *counts.entry(t).or_default() += 1;
+                    }
+                }
+            }
+            let mut topics: Vec<(TopicId, usize)> =
+                counts.into_iter().filter(|(t, _)| !exclude.contains(t)).collect();
+            topics.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            Ok(topics.into_iter().take(wanted).map(|(t, _)| t).collect())
+        })
+        .await
+    }
+
+    // ------------------------------------------------------------------ feeds
+
+    /// One page of the user's following or home feed.
+    pub async fn feed(&self, kind: FeedKind, req: &FeedRequest) -> Result<FeedPage> {
+        if req.page_size.get() > self.cfg.max_page_size {
+            return Err(Error::InvalidArgument {
+                field: "page_size".into(),
+                reason: format!("must be at most {}", self.cfg.max_page_size),
+            });
+        }
+        let ranking_name = req.ranking.clone().unwrap_or_else(|| self.cfg.default_ranking.clone());
+        let Some(expr) = self.cfg.rankings.get(&ranking_name).cloned() else {
+            return Err(Error::InvalidArgument {
+                field: "ranking".into(),
+                reason: format!(
+                    "unknown ranking `{ranking_name}` (configured: {})",
+                    self.cfg.rankings.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        };
+        let (state, ranking) = match &req.cursor {
+            Some(cursor) => {
+                let bad = |reason: String| Error::InvalidArgument { field: "cursor".into(), reason };
+                let st = self.cursors.decode(cursor).map_err(|r| bad(format!("cursor {r}")))?;
+                if st.user != req.user.get() || st.kind != kind {
+                    return Err(bad("cursor was issued for another user or feed".into()));
+                }
+                if st.ranking != ranking_name {
+                    return Err(bad(format!("cursor was issued for ranking `{}`", st.ranking)));
+                }
+                if st.watermarks.len() != self.shards.len() {
+                    return Err(bad("cursor was issued by a service with another shard count".into()));
+                }
+                let ranking = match self.rankings.get(&st.ranking_id) {
+                    Some(r) => r,
+                    None => {
+                        let r = self
+                            .compute(
+                                kind,
+                                req.user,
+                                expr,
+                                st.now_ms,
+                                st.watermarks.clone(),
+                                st.page_size as usize,
+                            )
+                            .await?;
+                        self.rankings.insert(st.ranking_id, r.clone());
+                        r
+                    }
+                };
+                (st, ranking)
+            }
+            None => {
+                let watermarks: Vec<u32> = self.shards.iter().map(|s| s.next_ordinal()).collect();
+                let now = now_ms();
+                let page_size = req.page_size.get() as usize;
+                let ranking = self.compute(kind, req.user, expr, now, watermarks.clone(), page_size).await?;
+                let ranking_id = rand::random::<u64>();
+                self.rankings.insert(ranking_id, ranking.clone());
+                let st = CursorState {
+                    kind,
+                    user: req.user.get(),
+                    ranking: ranking_name,
+                    ranking_id,
+                    page: 0,
+                    page_size: req.page_size.get(),
+                    now_ms: now,
+                    watermarks,
+                };
+                (st, ranking)
+            }
+        };
+        let index = state.page as usize;
+        let items = ranking.pages.get(index).cloned().unwrap_or_default();
+        let next_cursor = (index + 1 < ranking.pages.len())
+            .then(|| self.cursors.encode(&CursorState { page: state.page + 1, ..state.clone() }));
+        let mut stats = ranking.stats.clone();
+        if index > 0 {
+            stats.from_cache = true;
+        }
+        Ok(FeedPage { items, next_cursor, stats })
+    }
+
+    /// Computes a whole ranking from a snapshot: `now_ms` and per-shard ordinal bounds.
+    async fn compute(
+        &self,
+        kind: FeedKind,
+        user: UserId,
+        expr: Arc<Expr>,
+        now_ms: i64,
+        watermarks: Vec<u32>,
+        page_size: usize,
+    ) -> Result<Arc<Ranking>> {
+        let follows = self.follows_of(user).await?;
+        let n = self.shards.len();
+        let template = CandidateQuery {
+            viewer: user,
+            users: Vec::new(),
+            boards: Vec::new(),
+            topics: Vec::new(),
+            engaged_topics: Vec::new(),
+            blocked: follows.blocked.clone(),
+            top_k: self.cfg.candidates_per_shard,
+            scan_limit: self.cfg.scan_limit,
+            request_values: vec![0.0; expr.request_features().len()],
+            expr,
+            now_ms,
+            ordinal_bound: None,
+        };
+        let mut queries: Vec<Option<CandidateQuery>> = vec![None; n];
+        let count = self.shard_count();
+        let slot = |queries: &mut Vec<Option<CandidateQuery>>, shard: u32| -> usize {
+            let i = shard as usize;
+            if queries[i].is_none() {
+                queries[i] = Some(CandidateQuery { ordinal_bound: Some(watermarks[i]), ..template.clone() });
+            }
+            i
+        };
+        for u in &follows.users {
+            let i = slot(&mut queries, shard_of(*u, count));
+            if let Some(q) = queries[i].as_mut() {
+                q.users.push(*u);
+            }
+        }
+        for (b, owner) in &follows.boards {
+            let i = slot(&mut queries, shard_of(*owner, count));
+            if let Some(q) = queries[i].as_mut() {
+                q.boards.push(*b);
+            }
+        }
+        if kind == FeedKind::Home {
+            let engaged = self.engaged_topics(user, &follows.topics).await?;
+            if !follows.topics.is_empty() || !engaged.is_empty() {
+                // Each shard indexes its own pins' topics: interest scatters to all.
+                for s in 0..count {
+                    let i = slot(&mut queries, s);
+                    if let Some(q) = queries[i].as_mut() {
+                        q.topics = follows.topics.clone();
+                        q.engaged_topics = engaged.clone();
+                    }
+                }
+            }
+        }
+
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut asked = 0u32;
+        for (i, q) in queries.into_iter().enumerate() {
+            let Some(q) = q else { continue };
+            asked += 1;
+            let shard = self.shards[i].clone();
+            let delay = self.cfg.shard_delays.get(&(i as u32)).copied();
+            let deadline = self.cfg.shard_deadline;
+            tasks.spawn(async move {
+                let work = tokio::task::spawn_blocking(move || {
+                    if let Some(d) = delay {
+                        std::thread::sleep(d);
+                    }
+                    query::run(&shard, &q)
+                });
+                (i, tokio::time::timeout(deadline, work).await)
+            });
+        }
+        let mut answers: Vec<ShardAnswer> = Vec::with_capacity(asked as usize);
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((_, Ok(Ok(Ok(answer))))) => answers.push(answer),
+                Ok((i, Ok(Ok(Err(e))))) => tracing::warn!(shard = i, error = %e, "candidate query failed"),
+                Ok((i, Ok(Err(e)))) => tracing::warn!(shard = i, error = %e, "candidate query task failed"),
+                Ok((i, Err(_))) => tracing::debug!(shard = i, "candidate query missed its deadline"),
+                Err(e) => tracing::warn!(error = %e, "scatter task failed"),
+            }
+        }
+        let answered = answers.len() as u32;
+        let scanned = answers.iter().map(|a| a.scanned).sum();
+        let (mut following, mut interest) = (Vec::new(), Vec::new());
+        for a in answers {
+            following.push(a.following);
+            interest.push(a.interest);
+        }
+        let following = rank::merge(following);
+        let list = match kind {
+            FeedKind::Following => following.into_iter().take(self.cfg.max_ranked).collect(),
+            FeedKind::Home => rank::blend(
+                following,
+                rank::merge(interest),
+                self.cfg.home_interest_share,
+                self.cfg.max_ranked,
+            ),
+        };
+        let pages = rank::paginate(list, page_size, self.cfg.max_per_owner, self.cfg.max_per_board);
+        let stats = FeedStats {
+            candidates_scanned: scanned,
+            shards_asked: asked,
+            shards_answered: answered,
+            partial: answered < asked,
+            scoring: Scoring::Light,
+            from_cache: false,
+        };
+        Ok(Arc::new(Ranking { pages, stats }))
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Broker>();
+}

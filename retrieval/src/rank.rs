@@ -1,0 +1,167 @@
+//! Pure ranking steps of the broker: merge shard answers, blend following with interest
+//! candidates, and cut the ranked list into diversified pages.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::query::Candidate;
+
+/// Total order: score, then newer, then higher pin id — deterministic, so that a
+/// ranking recomputed from the same snapshot is identical.
+fn better(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    b.score
+        .total_cmp(&a.score)
+        .then(b.created_at_ms.cmp(&a.created_at_ms))
+        .then(b.pin.get().cmp(&a.pin.get()))
+}
+
+/// Merges per-shard lists into one, best first, without duplicate pins.
+pub fn merge(lists: Vec<Vec<Candidate>>) -> Vec<Candidate> {
+    let mut all: Vec<Candidate> = lists.into_iter().flatten().collect();
+    all.sort_unstable_by(better);
+    let mut seen = HashSet::with_capacity(all.len());
+    all.retain(|c| seen.insert(c.pin));
+    all
+}
+
+/// Interleaves interest candidates into the following list so that about `share` of
+/// the first positions are interest (fewer when it runs out, and vice versa); a pin in
+/// both lists keeps its following position. At most `limit` items.
+pub fn blend(
+    following: Vec<Candidate>,
+    interest: Vec<Candidate>,
+    share: f64,
+    limit: usize,
+) -> Vec<Candidate> {
+    let in_following: HashSet<_> = following.iter().map(|c| c.pin).collect();
+    let mut f = following.into_iter().peekable();
+    let mut i = interest.into_iter().filter(|c| !in_following.contains(&c.pin)).peekable();
+    let mut out = Vec::with_capacity(limit);
+    let mut interest_taken = 0usize;
+    while out.len() < limit {
+        let want_interest = (interest_taken as f64) < share * (out.len() + 1) as f64;
+        let next = match (want_interest, f.peek().is_some(), i.peek().is_some()) {
+            (_, false, false) => break,
+            (true, _, true) | (false, false, true) => {
+                interest_taken += 1;
+                i.next()
+            }
+            _ => f.next(),
+        };
+        out.extend(next);
+    }
+    out
+}
+
+/// Cuts a ranked list into pages of at most `page_size` items in which no owner has
+/// more than `max_per_owner` items and no board more than `max_per_board`. Items are
+/// taken in rank order; one that would break a cap waits for the next page, where it
+/// comes first. Every item lands on exactly one page. Caps below 1 count as 1.
+pub fn paginate(
+    items: Vec<Candidate>,
+    page_size: usize,
+    max_per_owner: usize,
+    max_per_board: usize,
+) -> Vec<Vec<Candidate>> {
+    let (page_size, max_per_owner, max_per_board) =
+        (page_size.max(1), max_per_owner.max(1), max_per_board.max(1));
+    let mut pages = Vec::new();
+    let mut pending = items;
+    while !pending.is_empty() {
+        let mut page = Vec::with_capacity(page_size);
+        let mut rest = Vec::new();
+        let mut owners: HashMap<u64, usize> = HashMap::new();
+        let mut boards: HashMap<u64, usize> = HashMap::new();
+        for item in pending {
+            let o = owners.entry(item.owner.get()).or_default();
+            let b = boards.entry(item.board.get()).or_default();
+            if page.len() < page_size && *o < max_per_owner && *b < max_per_board {
+                *o += 1;
+                *b += 1;
+                page.push(item);
+            } else {
+                rest.push(item);
+            }
+        }
+        // The first pending item always fits an empty page, so this terminates.
+        pages.push(page);
+        pending = rest;
+    }
+    pages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::Source;
+    use feedgraph_model::{BoardId, PinId, UserId};
+    use proptest::prelude::*;
+
+    fn cand(pin: u64, owner: u64, board: u64, score: f64, source: Source) -> Candidate {
+        Candidate {
+            pin: PinId::new(pin).unwrap(),
+            owner: UserId::new(owner).unwrap(),
+            board: BoardId::new(board).unwrap(),
+            created_at_ms: pin as i64,
+            ordinal: pin as u32,
+            score,
+            source,
+            features: [0.0; 6],
+        }
+    }
+
+    #[test]
+    fn merge_orders_and_deduplicates() {
+        let a = vec![cand(1, 1, 1, 0.9, Source::FollowedUser), cand(2, 1, 1, 0.5, Source::FollowedUser)];
+        let b = vec![cand(3, 2, 2, 0.7, Source::FollowedBoard), cand(1, 1, 1, 0.9, Source::FollowedBoard)];
+        let m = merge(vec![a, b]);
+        assert_eq!(m.iter().map(|c| c.pin.get()).collect::<Vec<_>>(), [1, 3, 2]);
+    }
+
+    #[test]
+    fn blend_takes_the_share_and_falls_back() {
+        let f: Vec<_> = (1..=10).map(|p| cand(p, p, p, 1.0, Source::FollowedUser)).collect();
+        let i: Vec<_> = (11..=20).map(|p| cand(p, p, p, 1.0, Source::FollowedTopic)).collect();
+        let out = blend(f.clone(), i.clone(), 0.3, 10);
+        let interest = out.iter().filter(|c| !c.source.is_following()).count();
+        assert_eq!(interest, 3);
+        assert_eq!(out.len(), 10);
+        // Interest only when following runs out.
+        let out = blend(f[..2].to_vec(), i, 0.0, 5);
+        assert_eq!(out.iter().filter(|c| c.source.is_following()).count(), 2);
+        assert_eq!(out.len(), 5);
+        // A pin in both lists appears once.
+        let out = blend(f[..2].to_vec(), vec![cand(1, 1, 1, 1.0, Source::FollowedTopic)], 0.5, 5);
+        assert_eq!(out.len(), 2);
+    }
+
+    proptest! {
+        /// Pages partition the list, respect the caps, and keep rank order within a page.
+        #[test]
+        fn pages_respect_caps_and_partition(
+            owners in proptest::collection::vec(1u64..6, 0..120),
+            page_size in 1usize..15,
+            max_owner in 1usize..4,
+            max_board in 1usize..4,
+        ) {
+            let items: Vec<Candidate> = owners.iter().enumerate()
+                .map(|(i, o)| cand(i as u64 + 1, *o, o * 10 + (i as u64 % 2), 1000.0 - i as f64, Source::FollowedUser))
+                .collect();
+            let pages = paginate(items.clone(), page_size, max_owner, max_board);
+            let mut all: Vec<u64> = pages.iter().flatten().map(|c| c.pin.get()).collect();
+            all.sort_unstable();
+            prop_assert_eq!(all, (1..=items.len() as u64).collect::<Vec<_>>());
+            for page in &pages {
+                prop_assert!(!page.is_empty() && page.len() <= page_size);
+                let mut o: HashMap<u64, usize> = HashMap::new();
+                let mut b: HashMap<u64, usize> = HashMap::new();
+                for c in page {
+                    *o.entry(c.owner.get()).or_default() += 1;
+                    *b.entry(c.board.get()).or_default() += 1;
+                }
+                prop_assert!(o.values().all(|n| *n <= max_owner));
+                prop_assert!(b.values().all(|n| *n <= max_board));
+                prop_assert!(page.windows(2).all(|w| w[0].score >= w[1].score));
+            }
+        }
+    }
+}
