@@ -1,6 +1,10 @@
-//! `feedgraph-load` (filled by the issue "feedgraph-load: synthetic graphs, bulk ingest
-//! and open-loop fanout load tests").
+//! `feedgraph-load`: synthetic graphs and load tests.
 //!
-//! Will own: the reproducible Pinterest-like graph generator, bulk ingest over gRPC or
-//! to a file, the open- and closed-loop load scenarios (ingest, following, home, mixed,
-//! fanout sweep) without coordinated omission, and the HDR-histogram reports.
+//! Owns: the reproducible Pinterest-like graph generator ([`generator`], also used by
+//! `feedgraph serve --demo`). Will own (issue "feedgraph-load"): bulk ingest over gRPC
+//! or to a file, the open- and closed-loop load scenarios (ingest, following, home,
+//! mixed, fanout sweep) without coordinated omission, and HDR-histogram reports.
+
+pub mod generator;
+
+pub use generator::{Graph, GraphSpec, generate};

@@ -1,6 +1,7 @@
 //! The shard-local candidate query: OR of the followed users' / boards' / topics'
 //! bitmaps → AND-NOT the filter bitmaps and the viewer's seen pins → newest-first scan
-//! with a work bound → drop blocked owners → light score → top-K per candidate group.
+//! with a work bound → drop blocked owners and the viewer's own pins → light score →
+//! top-K per candidate group.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashSet};
@@ -112,7 +113,8 @@ pub fn run(shard: &Shard, q: &CandidateQuery) -> Result<ShardAnswer, feedgraph_g
     for ordinal in candidates.iter().rev().take(q.scan_limit) {
         scanned += 1;
         let Some(c) = score(&attrs, ordinal, q, &mut stack) else { continue };
-        if blocked.contains(&c.0.owner) {
+        // Blocked owners, and the viewer's own pins, are not the viewer's feed.
+        if blocked.contains(&c.0.owner) || c.0.owner == q.viewer.get() {
             continue;
         }
         let source = if user_set.contains(ordinal) {

@@ -1,6 +1,224 @@
-//! The `feedgraph` service (filled by the issue "Following and home feeds end to end").
+//! The `feedgraph` service: one process holding local shards, the broker and light
+//! scoring, served over gRPC.
 //!
-//! Will own: configuration (TOML file → env → CLI, validated at start-up), wiring of
-//! shards, broker and scorer into `run(config, shutdown)`, the thin gRPC adapters (proto
-//! ↔ domain, errors ↔ `tonic::Status` in one exhaustive mapping), health, reflection,
-//! Prometheus metrics and the CLI client. `main` only parses and calls `run`.
+//! Owns: configuration ([`config`]: TOML file → env → CLI, validated at start-up), the
+//! wiring of shards and broker into [`start`] / [`run`], the thin gRPC adapters
+//! ([`service`]: proto ↔ domain, errors ↔ `tonic::Status` in one exhaustive mapping),
+//! gRPC health and reflection, Prometheus metrics ([`metrics`]) and the demo graph
+//! ([`demo`]). `main.rs` only parses the command line and calls into this crate, so
+//! tests start real nodes in-process through the same [`start`].
+//!
+//! Invariants: the async executor never blocks — shards are opened, written and
+//! queried on the blocking pool; a data directory keeps the shard count it was created
+//! with; cursors are signed with a key stored in the data directory, so they survive
+//! restarts.
+
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use feedgraph_graph_store::Shard;
+use feedgraph_proto::pb;
+use feedgraph_retrieval::Broker;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use config::{Config, ConfigError};
+
+/// Why the service could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("shard store: {0}")]
+    Store(#[from] feedgraph_graph_store::Error),
+    #[error("broker: {0}")]
+    Broker(#[from] feedgraph_retrieval::Error),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("data directory: {0}")]
+    DataDir(String),
+    #[error("grpc: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("reflection: {0}")]
+    Reflection(String),
+    #[error("task failed: {0}")]
+    Task(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+const SHARD_COUNT_FILE: &str = "SHARDS";
+const CURSOR_KEY_FILE: &str = "cursor.key";
+
+/// Opens (creating if needed) the data directory's shards, checking that it was made
+/// with the configured shard count. Blocking.
+pub fn open_shards(config: &Config) -> Result<Vec<Arc<Shard>>, Error> {
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let count_file = dir.join(SHARD_COUNT_FILE);
+    match std::fs::read_to_string(&count_file) {
+        Ok(text) => {
+            let stored: u32 = text
+                .trim()
+                .parse()
+                .map_err(|_| Error::DataDir(format!("{} is not a shard count", count_file.display())))?;
+            if stored != config.shards {
+                return Err(Error::DataDir(format!(
+                    "{} holds {stored} shards but the configuration says {}; shard placement depends on the count",
+                    dir.display(),
+                    config.shards
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&count_file, format!("{}\n", config.shards))
+                .map_err(io(format!("writing {}", count_file.display())))?;
+        }
+        Err(e) => return Err(io(format!("reading {}", count_file.display()))(e)),
+    }
+    (0..config.shards)
+        .map(|i| Ok(Arc::new(Shard::open(dir.join(format!("shard-{i:03}")), &config.shard_options(i))?)))
+        .collect()
+}
+
+/// The key cursors are signed with: read from the data directory, created on first use.
+fn cursor_key(dir: &Path) -> Result<[u8; 32], Error> {
+    let path = dir.join(CURSOR_KEY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => bytes.try_into().map_err(|_| {
+            Error::DataDir(format!("{} must hold 32 bytes; delete it to make a new key", path.display()))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key: [u8; 32] = rand::random();
+            std::fs::write(&path, key).map_err(io(format!("writing {}", path.display())))?;
+            Ok(key)
+        }
+        Err(e) => Err(io(format!("reading {}", path.display()))(e)),
+    }
+}
+
+/// A running node. Dropping it without [`Node::shutdown`] leaves the servers running
+/// until the runtime stops.
+#[derive(Debug)]
+pub struct Node {
+    grpc_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    broker: Arc<Broker>,
+    stop: Option<oneshot::Sender<()>>,
+    stop_metrics: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    metrics_task: JoinHandle<()>,
+}
+
+impl Node {
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The node's broker, for in-process use (benchmarks, embedding).
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// Stops accepting, lets in-flight requests finish, and stops.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(s) = self.stop_metrics.take() {
+            let _ = s.send(());
+        }
+        let served = (&mut self.server).await.map_err(|e| Error::Task(e.to_string()))?;
+        let _ = (&mut self.metrics_task).await;
+        Ok(served?)
+    }
+}
+
+/// Opens the shards, then serves gRPC (with health and reflection) and metrics.
+pub async fn start(config: Config) -> Result<Node, Error> {
+    config.validate()?;
+    let cfg = config.clone();
+    let shards = tokio::task::spawn_blocking(move || open_shards(&cfg))
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+    start_with(config, shards).await
+}
+
+/// Serves already opened shards (see [`open_shards`]).
+pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node, Error> {
+    let broker_config = config.validate()?;
+    let dir = config.data_dir.clone();
+    let key = tokio::task::spawn_blocking(move || cursor_key(&dir))
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+    let broker = Arc::new(Broker::new(shards, broker_config, key)?);
+    let metrics = Arc::new(metrics::Metrics::new()?);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<pb::v1::graph_service_server::GraphServiceServer<service::GraphApi>>().await;
+    health.set_serving::<pb::v1::feed_service_server::FeedServiceServer<service::FeedApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(feedgraph_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Reflection(e.to_string()))?;
+
+    // tonic ignores the builder's nodelay with a custom incoming: set it here.
+    let incoming = tonic::transport::server::TcpIncoming::bind(config.listen)
+        .map_err(io(format!("binding gRPC on {}", config.listen)))?
+        .with_nodelay(Some(true));
+    let grpc_addr = incoming.local_addr().map_err(io("gRPC listener address"))?;
+    let metrics_listener = metrics::bind(config.metrics_listen)
+        .await
+        .map_err(io(format!("binding metrics on {}", config.metrics_listen)))?;
+    let metrics_addr = metrics_listener.local_addr().map_err(io("metrics listener address"))?;
+
+    let graph = service::GraphApi { broker: broker.clone(), metrics: metrics.clone() };
+    let feed = service::FeedApi { broker: broker.clone(), metrics: metrics.clone() };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(pb::v1::graph_service_server::GraphServiceServer::new(graph))
+        .add_service(pb::v1::feed_service_server::FeedServiceServer::new(feed));
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stopped.await;
+    }));
+    let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, async {
+        let _ = metrics_stopped.await;
+    }));
+    tracing::info!(%grpc_addr, %metrics_addr, shards = config.shards, "feedgraph serving");
+    Ok(Node {
+        grpc_addr,
+        metrics_addr,
+        broker,
+        stop: Some(stop),
+        stop_metrics: Some(stop_metrics),
+        server,
+        metrics_task,
+    })
+}
+
+/// Serves until `shutdown` resolves, then stops gracefully.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+    let node = start(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    node.shutdown().await
+}

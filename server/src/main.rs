@@ -1,1 +1,514 @@
-fn main() {}
+//! `feedgraph`: serve, or talk to a server (feeds and writes). Parses the command line
+//! and configuration, then calls the library.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use feedgraph_proto::pb::v1 as pb;
+use feedgraph_server::Config;
+
+#[derive(Parser, Debug)]
+#[command(name = "feedgraph", version, about = "Sharded graph service for home and following feeds")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the service: local shards, broker and light scoring over gRPC.
+    Serve(ServeArgs),
+    /// Print a user's following (or home) feed from a running service.
+    Feed(FeedArgs),
+    /// Send a write to a running service.
+    Write(WriteArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// TOML configuration file (fields it leaves out keep their defaults).
+    #[arg(long, env = "FEEDGRAPH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Load a sample graph (10k users, 50k boards, 1M pins) on first start, then serve.
+    #[arg(long)]
+    demo: bool,
+    /// Validate the configuration, print it, and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// gRPC listen address.
+    #[arg(long, env = "FEEDGRAPH_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Prometheus metrics listen address.
+    #[arg(long, env = "FEEDGRAPH_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Data directory.
+    #[arg(long, env = "FEEDGRAPH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Number of shards (only when creating a data directory).
+    #[arg(long, env = "FEEDGRAPH_SHARDS")]
+    shards: Option<u32>,
+    /// Log filter, e.g. `info` or `feedgraph=debug`.
+    #[arg(long, env = "FEEDGRAPH_LOG")]
+    log: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct FeedArgs {
+    /// Service address.
+    #[arg(long, env = "FEEDGRAPH_ADDR", default_value = "127.0.0.1:7878")]
+    addr: String,
+    #[arg(long)]
+    user: u64,
+    /// The home feed (following blended with interests) instead of the following feed.
+    #[arg(long)]
+    home: bool,
+    #[arg(long, default_value_t = 20)]
+    page_size: u32,
+    /// Cursor from the previous page.
+    #[arg(long, default_value = "")]
+    cursor: String,
+    /// Named ranking expression (see the service's [rankings]).
+    #[arg(long, default_value = "")]
+    ranking: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct WriteArgs {
+    /// Service address.
+    #[arg(long, env = "FEEDGRAPH_ADDR", default_value = "127.0.0.1:7878", global = true)]
+    addr: String,
+    /// Wait for the WAL to be fsync'ed before acknowledging.
+    #[arg(long, global = true)]
+    sync: bool,
+    #[command(subcommand)]
+    what: WriteCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum WriteCommand {
+    /// Create or rename a user.
+    User {
+        #[arg(long)]
+        id: u64,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Create or rename a board.
+    Board {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        owner: u64,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Create or update a pin.
+    Pin {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        board: u64,
+        #[arg(long)]
+        owner: u64,
+        /// Comma-separated topic ids.
+        #[arg(long, value_delimiter = ',')]
+        topics: Vec<u32>,
+        /// Creation time in ms since the epoch (default: now).
+        #[arg(long)]
+        created_at_ms: Option<i64>,
+        #[arg(long, default_value_t = 0.5)]
+        quality: f32,
+        #[arg(long, default_value_t = 0)]
+        saves: u32,
+    },
+    /// Follow a user (--user-id), a board (--board and --board-owner) or a topic.
+    Follow(FollowArgs),
+    /// Stop following.
+    Unfollow(FollowArgs),
+    /// Delete a pin.
+    DeletePin {
+        #[arg(long)]
+        pin: u64,
+        #[arg(long)]
+        owner: u64,
+    },
+    /// Mark a pin as spam or unsafe (or clear the mark).
+    Flag {
+        #[arg(long)]
+        pin: u64,
+        #[arg(long)]
+        owner: u64,
+        /// `spam` or `unsafe`.
+        #[arg(long)]
+        flag: String,
+        #[arg(long)]
+        clear: bool,
+    },
+    /// Record that a user was shown a pin.
+    Seen {
+        #[arg(long)]
+        user: u64,
+        #[arg(long)]
+        pin: u64,
+        #[arg(long)]
+        owner: u64,
+    },
+    /// Block a user.
+    Block {
+        #[arg(long)]
+        user: u64,
+        #[arg(long)]
+        blocked: u64,
+    },
+    /// Unblock a user.
+    Unblock {
+        #[arg(long)]
+        user: u64,
+        #[arg(long)]
+        blocked: u64,
+    },
+}
+
+#[derive(Args, Debug)]
+struct FollowArgs {
+    /// The follower.
+    #[arg(long)]
+    user: u64,
+    #[arg(long, conflicts_with_all = ["board", "topic"])]
+    user_id: Option<u64>,
+    #[arg(long, requires = "board_owner", conflicts_with = "topic")]
+    board: Option<u64>,
+    #[arg(long)]
+    board_owner: Option<u64>,
+    #[arg(long)]
+    topic: Option<u32>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Feed(args) => feed(args).await,
+        Command::Write(args) => write(args).await,
+    }
+}
+
+fn config_of(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    // Environment and flags override the file (clap reads both).
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.metrics_listen {
+        config.metrics_listen = v;
+    }
+    if let Some(v) = &args.data_dir {
+        config.data_dir = v.clone();
+    }
+    if let Some(v) = args.shards {
+        config.shards = v;
+    }
+    if let Some(v) = &args.log {
+        config.log = v.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = config_of(&args)?;
+    if args.check_config {
+        print!("{}", toml::to_string(&config)?);
+        eprintln!("configuration is valid");
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("log filter")?)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let cfg = config.clone();
+    let demo = args.demo;
+    let (shards, info) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let shards = feedgraph_server::open_shards(&cfg)?;
+        let info = if demo {
+            let spec = feedgraph_loadtest::GraphSpec::demo(now_ms());
+            eprintln!(
+                "demo graph: {} users, {} boards, {} pins, {} topics",
+                spec.users, spec.boards, spec.pins, spec.topics
+            );
+            Some(feedgraph_server::demo::ensure_loaded(&cfg.data_dir, &shards, &spec, &mut progress_bar)?)
+        } else {
+            None
+        };
+        Ok((shards, info))
+    })
+    .await??;
+    if let Some(info) = &info {
+        if info.pins_loaded > 0 {
+            eprintln!(
+                "\nloaded {} pins, {} edges in {:.1} s ({:.0} edges/s)",
+                info.pins_loaded,
+                info.edges_written,
+                info.seconds,
+                info.edges_written as f64 / info.seconds.max(1e-9)
+            );
+        } else {
+            eprintln!("demo graph already loaded in {}", config.data_dir.display());
+        }
+    }
+    let node = feedgraph_server::start_with(config, shards).await?;
+    let addr = node.grpc_addr();
+    eprintln!("feedgraph serving gRPC on {addr}, metrics on http://{}/metrics", node.metrics_addr());
+    if let Some(info) = info {
+        let exe =
+            std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "feedgraph".into());
+        let u = info.showcase_user;
+        eprintln!("\nTry (user {u} follows about 300 accounts and boards):");
+        eprintln!("  {exe} feed --addr {addr} --user {u}");
+        eprintln!("  {exe} feed --addr {addr} --user {u} --home --page-size 10 --ranking fresh");
+        eprintln!(
+            "  grpcurl -plaintext -d '{{\"user_id\": {u}, \"page_size\": 5}}' {addr} feedgraph.v1.FeedService/GetFollowingFeed"
+        );
+        eprintln!("\nCtrl-C stops the service.");
+    }
+    shutdown_signal().await;
+    node.shutdown().await?;
+    Ok(())
+}
+
+fn progress_bar(done: u64, total: u64) {
+    let pct = (done * 100).checked_div(total).unwrap_or(100);
+    eprint!("\rloading [{:<25}] {pct:>3}%  {done}/{total} pins", "#".repeat(pct as usize / 4));
+    let _ = std::io::stderr().flush();
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn endpoint(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+async fn feed(args: FeedArgs) -> anyhow::Result<()> {
+    let mut client = pb::feed_service_client::FeedServiceClient::connect(endpoint(&args.addr))
+        .await
+        .with_context(|| format!("connecting to {}", args.addr))?;
+    let request = pb::FeedRequest {
+        user_id: args.user,
+        page_size: args.page_size,
+        cursor: args.cursor,
+        ranking: args.ranking,
+        request_id: String::new(),
+    };
+    let response = if args.home {
+        client.get_home_feed(request).await
+    } else {
+        client.get_following_feed(request).await
+    };
+    let r = match response {
+        Ok(r) => r.into_inner(),
+        Err(s) => bail!("{:?}: {}", s.code(), s.message()),
+    };
+    let stats = r.stats.unwrap_or_default();
+    if args.json {
+        println!("{}", feed_json(&r.items, &r.next_cursor, &stats));
+        return Ok(());
+    }
+    let now = now_ms();
+    println!(
+        "{:>4}  {:>9}  {:>7}  {:>8}  {:>7}  {:>7}  source",
+        "rank", "pin", "owner", "board", "age_h", "score"
+    );
+    for (i, item) in r.items.iter().enumerate() {
+        println!(
+            "{:>4}  {:>9}  {:>7}  {:>8}  {:>7.1}  {:>7.3}  {}",
+            i + 1,
+            item.pin_id,
+            item.owner_id,
+            item.board_id,
+            (now - item.created_at_ms) as f64 / 3.6e6,
+            item.score,
+            source_name(item.source)
+        );
+    }
+    println!(
+        "\n{} items; scanned {} candidates on {}/{} shards{}; scoring {}; {} µs in the server",
+        r.items.len(),
+        stats.candidates_scanned,
+        stats.shards_answered,
+        stats.shards_asked,
+        if stats.partial { " (PARTIAL)" } else { "" },
+        scoring_name(stats.scoring),
+        stats.server_latency_us
+    );
+    if !r.next_cursor.is_empty() {
+        println!("next page: --cursor {}", r.next_cursor);
+    }
+    Ok(())
+}
+
+fn source_name(v: i32) -> &'static str {
+    match pb::FeedSource::try_from(v) {
+        Ok(pb::FeedSource::FollowedUser) => "followed user",
+        Ok(pb::FeedSource::FollowedBoard) => "followed board",
+        Ok(pb::FeedSource::FollowedTopic) => "followed topic",
+        Ok(pb::FeedSource::EngagedTopic) => "engaged topic",
+        _ => "unknown",
+    }
+}
+
+fn scoring_name(v: i32) -> &'static str {
+    match pb::Scoring::try_from(v) {
+        Ok(pb::Scoring::Light) => "light",
+        Ok(pb::Scoring::Model) => "model",
+        Ok(pb::Scoring::LightFallback) => "light (model fallback)",
+        _ => "unknown",
+    }
+}
+
+fn feed_json(items: &[pb::FeedItem], cursor: &str, s: &pb::FeedStats) -> String {
+    let items: Vec<String> = items
+        .iter()
+        .map(|i| {
+            format!(
+                r#"{{"pin_id":{},"owner_id":{},"board_id":{},"created_at_ms":{},"score":{},"source":"{}"}}"#,
+                i.pin_id,
+                i.owner_id,
+                i.board_id,
+                i.created_at_ms,
+                if i.score.is_finite() { i.score.to_string() } else { "null".into() },
+                source_name(i.source)
+            )
+        })
+        .collect();
+    // Cursors are URL-safe base64: nothing to escape.
+    format!(
+        r#"{{"items":[{}],"next_cursor":"{}","stats":{{"candidates_scanned":{},"shards_asked":{},"shards_answered":{},"partial":{},"scoring":"{}","server_latency_us":{}}}}}"#,
+        items.join(","),
+        cursor,
+        s.candidates_scanned,
+        s.shards_asked,
+        s.shards_answered,
+        s.partial,
+        scoring_name(s.scoring),
+        s.server_latency_us
+    )
+}
+
+async fn write(args: WriteArgs) -> anyhow::Result<()> {
+    use pb::mutation::Op;
+    let op = match args.what {
+        WriteCommand::User { id, name } => Op::UpsertUser(pb::UpsertUser { user_id: id, username: name }),
+        WriteCommand::Board { id, owner, name } => {
+            Op::UpsertBoard(pb::UpsertBoard { board_id: id, owner_id: owner, name })
+        }
+        WriteCommand::Pin { id, board, owner, topics, created_at_ms, quality, saves } => {
+            Op::UpsertPin(pb::UpsertPin {
+                pin_id: id,
+                board_id: board,
+                owner_id: owner,
+                created_at_ms: created_at_ms.unwrap_or_else(now_ms),
+                topic_ids: topics,
+                signals: Some(pb::PinSignals { quality, saves, ..Default::default() }),
+            })
+        }
+        WriteCommand::Follow(f) => Op::Follow(pb::Follow { follower_id: f.user, target: Some(target(&f)?) }),
+        WriteCommand::Unfollow(f) => {
+            Op::Unfollow(pb::Unfollow { follower_id: f.user, target: Some(target(&f)?) })
+        }
+        WriteCommand::DeletePin { pin, owner } => {
+            Op::DeletePin(pb::DeletePin { pin: Some(pb::PinRef { pin_id: pin, owner_id: owner }) })
+        }
+        WriteCommand::Flag { pin, owner, flag, clear } => Op::FlagPin(pb::FlagPin {
+            pin: Some(pb::PinRef { pin_id: pin, owner_id: owner }),
+            flag: match flag.as_str() {
+                "spam" => pb::PinFlag::Spam,
+                "unsafe" => pb::PinFlag::Unsafe,
+                other => bail!("--flag must be spam or unsafe, not {other}"),
+            } as i32,
+            clear,
+        }),
+        WriteCommand::Seen { user, pin, owner } => Op::RecordImpressions(pb::RecordImpressions {
+            user_id: user,
+            pins: vec![pb::PinRef { pin_id: pin, owner_id: owner }],
+        }),
+        WriteCommand::Block { user, blocked } => {
+            Op::BlockUser(pb::BlockUser { user_id: user, blocked_user_id: blocked })
+        }
+        WriteCommand::Unblock { user, blocked } => {
+            Op::UnblockUser(pb::UnblockUser { user_id: user, blocked_user_id: blocked })
+        }
+    };
+    let mut client = pb::graph_service_client::GraphServiceClient::connect(endpoint(&args.addr))
+        .await
+        .with_context(|| format!("connecting to {}", args.addr))?;
+    let request = pb::WriteRequest {
+        mutations: vec![pb::Mutation { op: Some(op) }],
+        ack: if args.sync { pb::Ack::Sync } else { pb::Ack::Async } as i32,
+        request_id: String::new(),
+    };
+    match client.write(request).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            let commits: Vec<String> =
+                r.commits.iter().map(|c| format!("shard {} at sequence {}", c.shard, c.sequence)).collect();
+            println!("applied {} mutation(s): {}", r.applied, commits.join(", "));
+            Ok(())
+        }
+        Err(s) => bail!("{:?}: {}", s.code(), s.message()),
+    }
+}
+
+fn target(f: &FollowArgs) -> anyhow::Result<pb::FollowTarget> {
+    use pb::follow_target::Target;
+    let t = match (f.user_id, f.board, f.topic) {
+        (Some(u), None, None) => Target::UserId(u),
+        (None, Some(b), None) => {
+            Target::Board(pb::BoardRef { board_id: b, owner_id: f.board_owner.unwrap_or(0) })
+        }
+        (None, None, Some(t)) => Target::TopicId(t),
+        _ => bail!("name exactly one of --user-id, --board (with --board-owner), --topic"),
+    };
+    Ok(pb::FollowTarget { target: Some(t) })
+}

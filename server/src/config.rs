@@ -1,0 +1,291 @@
+//! Configuration: one TOML file, overridden by environment variables and command-line
+//! flags (in that order; see `main.rs`), validated before anything starts.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use feedgraph_retrieval::BrokerConfig;
+use feedgraph_scoring::Expr;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of a `feedgraph serve` process.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory holding the shards (`shard-NNN/`), the cursor key and metadata.
+    pub data_dir: PathBuf,
+    /// gRPC listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address (port 0 picks a free port).
+    pub metrics_listen: SocketAddr,
+    /// Number of logical shards, fixed when the data directory is created.
+    pub shards: u32,
+    /// Log filter (`tracing` env-filter syntax), e.g. `info` or `feedgraph=debug`.
+    pub log: String,
+    pub feed: FeedConfig,
+    /// Named light-score expressions; requests choose one by name.
+    pub rankings: BTreeMap<String, String>,
+    pub store: StoreConfig,
+    pub debug: DebugConfig,
+}
+
+/// Feed assembly.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeedConfig {
+    /// Largest `page_size` a request may ask for.
+    pub max_page_size: u32,
+    /// Candidates each shard returns per group (following, interest).
+    pub candidates_per_shard: usize,
+    /// Candidates each shard examines at most, newest first (the work bound).
+    pub scan_limit: usize,
+    /// How long the broker waits for each shard, in milliseconds; later shards are left
+    /// out and the response is flagged partial.
+    pub shard_deadline_ms: u64,
+    /// Items in one ranking, over all its pages.
+    pub max_ranked: usize,
+    /// At most this many items of one owner per page.
+    pub max_per_owner: usize,
+    /// At most this many items of one board per page.
+    pub max_per_board: usize,
+    /// Share of home-feed positions for interest candidates (followed topics and the
+    /// topics of the user's recent saves), in [0, 1].
+    pub home_interest_share: f64,
+    /// How many of a user's newest saves define their engaged topics.
+    pub engaged_recent_pins: usize,
+    /// How many engaged topics the home feed draws from.
+    pub engaged_topics: usize,
+    /// How long a ranking stays cached for its next pages, in seconds.
+    pub ranking_ttl_s: u64,
+    /// Rankings kept in the cache.
+    pub ranking_cache_entries: u64,
+    /// Users whose follow lists are cached.
+    pub follows_cache_entries: u64,
+    /// Ranking used when a request names none; must be in `rankings`.
+    pub default_ranking: String,
+}
+
+/// Per-shard RocksDB settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Keep obsolete WAL files this long for followers to catch up, in seconds.
+    pub wal_ttl_seconds: u64,
+    /// Cap on retained obsolete WAL files, in MiB.
+    pub wal_size_limit_mb: u64,
+    /// RocksDB block cache per shard, in MiB.
+    pub block_cache_mb: u64,
+    /// Decoded-bitmap cache per shard, in MiB.
+    pub bitmap_cache_mb: u64,
+    /// Memtable size per column family, in MiB.
+    pub write_buffer_mb: u64,
+}
+
+/// Fault injection for tests and drills. Never set in production.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DebugConfig {
+    /// Extra latency added to each candidate query of a shard, in milliseconds, keyed
+    /// by shard number (`{ "3" = 500 }`).
+    pub shard_delays_ms: BTreeMap<String, u64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut rankings = BTreeMap::new();
+        rankings.insert("default".into(), "2*quality + 0.3*ln(1 + saves) - age_hours/48".into());
+        rankings.insert("fresh".into(), "quality - age_hours/6".into());
+        rankings.insert("popular".into(), "ln(1 + saves) + 0.5*ln(1 + closeups) - age_days/7".into());
+        Self {
+            data_dir: PathBuf::from("data/feedgraph"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9878)),
+            shards: 16,
+            log: "info".into(),
+            feed: FeedConfig::default(),
+            rankings,
+            store: StoreConfig::default(),
+            debug: DebugConfig::default(),
+        }
+    }
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        Self {
+            max_page_size: 100,
+            candidates_per_shard: 500,
+            scan_limit: 20_000,
+            shard_deadline_ms: 100,
+            max_ranked: 500,
+            max_per_owner: 3,
+            max_per_board: 3,
+            home_interest_share: 0.3,
+            engaged_recent_pins: 50,
+            engaged_topics: 5,
+            ranking_ttl_s: 600,
+            ranking_cache_entries: 100_000,
+            follows_cache_entries: 100_000,
+            default_ranking: "default".into(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            wal_ttl_seconds: 3600,
+            wal_size_limit_mb: 1024,
+            block_cache_mb: 32,
+            bitmap_cache_mb: 32,
+            write_buffer_mb: 16,
+        }
+    }
+}
+
+/// A configuration that cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Parse { path: String, source: Box<toml::de::Error> },
+    #[error("`{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+impl Config {
+    /// Reads a TOML file; fields it leaves out keep their defaults.
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), source: Box::new(e) })
+    }
+
+    /// Checks every field and compiles the rankings.
+    pub fn validate(&self) -> Result<BrokerConfig, ConfigError> {
+        let f = &self.feed;
+        if self.shards == 0 || self.shards > 4096 {
+            return Err(invalid("shards", "must be in 1..=4096"));
+        }
+        if f.max_page_size == 0 || f.max_page_size > 1000 {
+            return Err(invalid("feed.max_page_size", "must be in 1..=1000"));
+        }
+        for (name, v) in [
+            ("feed.candidates_per_shard", f.candidates_per_shard),
+            ("feed.scan_limit", f.scan_limit),
+            ("feed.max_ranked", f.max_ranked),
+            ("feed.max_per_owner", f.max_per_owner),
+            ("feed.max_per_board", f.max_per_board),
+        ] {
+            if v == 0 {
+                return Err(invalid(name, "must be at least 1"));
+            }
+        }
+        if f.shard_deadline_ms == 0 {
+            return Err(invalid("feed.shard_deadline_ms", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&f.home_interest_share) {
+            return Err(invalid("feed.home_interest_share", "must be in [0, 1]"));
+        }
+        let mut rankings = BTreeMap::new();
+        for (name, source) in &self.rankings {
+            let expr =
+                Expr::compile(source).map_err(|e| invalid(&format!("rankings.{name}"), e.to_string()))?;
+            rankings.insert(name.clone(), Arc::new(expr));
+        }
+        if !rankings.contains_key(&f.default_ranking) {
+            return Err(invalid(
+                "feed.default_ranking",
+                format!("`{}` is not in [rankings]", f.default_ranking),
+            ));
+        }
+        let mut shard_delays = std::collections::HashMap::new();
+        for (shard, ms) in &self.debug.shard_delays_ms {
+            let s: u32 = shard.parse().ok().filter(|s| *s < self.shards).ok_or_else(|| {
+                invalid("debug.shard_delays_ms", format!("`{shard}` is not a shard number"))
+            })?;
+            shard_delays.insert(s, Duration::from_millis(*ms));
+        }
+        Ok(BrokerConfig {
+            max_page_size: f.max_page_size,
+            candidates_per_shard: f.candidates_per_shard,
+            scan_limit: f.scan_limit,
+            shard_deadline: Duration::from_millis(f.shard_deadline_ms),
+            max_ranked: f.max_ranked,
+            max_per_owner: f.max_per_owner,
+            max_per_board: f.max_per_board,
+            home_interest_share: f.home_interest_share,
+            engaged_recent_pins: f.engaged_recent_pins,
+            engaged_topics: f.engaged_topics,
+            ranking_ttl: Duration::from_secs(f.ranking_ttl_s.max(1)),
+            ranking_cache_entries: f.ranking_cache_entries,
+            follows_cache_entries: f.follows_cache_entries,
+            rankings,
+            default_ranking: f.default_ranking.clone(),
+            shard_delays,
+        })
+    }
+
+    /// The shard options for shard `id`.
+    pub fn shard_options(&self, id: u32) -> feedgraph_graph_store::ShardOptions {
+        let s = &self.store;
+        feedgraph_graph_store::ShardOptions {
+            wal_ttl_seconds: s.wal_ttl_seconds,
+            wal_size_limit_mb: s.wal_size_limit_mb,
+            block_cache_bytes: (s.block_cache_mb << 20) as usize,
+            write_buffer_bytes: (s.write_buffer_mb.max(1) << 20) as usize,
+            bitmap_cache_bytes: s.bitmap_cache_mb << 20,
+            ..feedgraph_graph_store::ShardOptions::new(id)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip_through_toml() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let text = toml::to_string(&c).unwrap();
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn partial_files_keep_defaults() {
+        let c: Config = toml::from_str("shards = 4\n[feed]\nmax_per_owner = 1\n").unwrap();
+        assert_eq!(c.shards, 4);
+        assert_eq!(c.feed.max_per_owner, 1);
+        assert_eq!(c.feed.max_page_size, 100);
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let mut c = Config::default();
+        c.rankings.insert("broken".into(), "2 * qualty".into());
+        match c.validate() {
+            Err(ConfigError::Invalid { field, reason }) => {
+                assert_eq!(field, "rankings.broken");
+                assert!(reason.contains("line 1, column 5"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = Config { shards: 0, ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field, .. }) if field == "shards"));
+        assert!(toml::from_str::<Config>("shardz = 3").is_err(), "unknown fields are refused");
+        let mut c = Config::default();
+        c.debug.shard_delays_ms.insert("99".into(), 5);
+        assert!(c.validate().is_err());
+    }
+}

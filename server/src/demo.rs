@@ -1,0 +1,83 @@
+//! `feedgraph serve --demo`: a sample Pinterest-like graph (the `feedgraph-load`
+//! generator), bulk-loaded once into the node's shards.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use feedgraph_graph_store::{BulkLoad, Shard};
+use feedgraph_loadtest::{GraphSpec, generate};
+use feedgraph_model::{FollowTarget, UserId, shard_of};
+
+use crate::Error;
+
+/// Written into the data directory once the demo graph is loaded.
+const MARKER: &str = "demo-loaded";
+
+/// What the demo loaded (or found loaded).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DemoInfo {
+    /// A user with about 300 follows, for the sample queries.
+    pub showcase_user: UserId,
+    /// Pins and edges loaded now (0 when the data directory already had the demo).
+    pub pins_loaded: u64,
+    pub edges_written: u64,
+    pub seconds: f64,
+}
+
+/// Loads the demo graph into `shards` unless `data_dir` says it is already there.
+/// Reports `(pins done, pins total)` as it goes. Blocking.
+pub fn ensure_loaded(
+    data_dir: &Path,
+    shards: &[Arc<Shard>],
+    spec: &GraphSpec,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<DemoInfo, Error> {
+    let marker = data_dir.join(MARKER);
+    if let Ok(text) = std::fs::read_to_string(&marker)
+        && let Some(user) = text.trim().parse::<u64>().ok().and_then(UserId::new)
+    {
+        return Ok(DemoInfo { showcase_user: user, pins_loaded: 0, edges_written: 0, seconds: 0.0 });
+    }
+    let started = Instant::now();
+    let graph = generate(spec);
+    let showcase_user =
+        showcase(&graph.follows).ok_or_else(|| Error::DataDir("the demo graph has no follows".into()))?;
+
+    let n = shards.len() as u32;
+    let mut loads: Vec<BulkLoad> = (0..n).map(|_| BulkLoad::default()).collect();
+    for u in graph.users {
+        loads[shard_of(u.id, n) as usize].users.push(u);
+    }
+    for b in graph.boards {
+        loads[shard_of(b.owner, n) as usize].boards.push(b);
+    }
+    for p in graph.pins {
+        loads[shard_of(p.owner, n) as usize].pins.push(p);
+    }
+    for (follower, target) in graph.follows {
+        loads[shard_of(follower, n) as usize].follows.push((follower, target));
+    }
+    let total = spec.pins;
+    let (mut done, mut pins_loaded, mut edges_written) = (0u64, 0u64, 0u64);
+    for (shard, load) in shards.iter().zip(loads) {
+        let before = done;
+        let stats = shard.bulk_load(load, 200_000, &mut |p| progress(before + p.pins_done, total))?;
+        done += stats.pins_loaded + stats.pins_skipped;
+        pins_loaded += stats.pins_loaded;
+        edges_written += stats.edges_written;
+    }
+    std::fs::write(&marker, format!("{}\n", showcase_user.get()))
+        .map_err(|source| Error::Io { what: format!("writing {}", marker.display()), source })?;
+    Ok(DemoInfo { showcase_user, pins_loaded, edges_written, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// The user whose follow count is closest to 300.
+fn showcase(follows: &[(UserId, FollowTarget)]) -> Option<UserId> {
+    let mut counts: HashMap<UserId, i64> = HashMap::new();
+    for (u, _) in follows {
+        *counts.entry(*u).or_default() += 1;
+    }
+    counts.into_iter().min_by_key(|(u, c)| ((c - 300).abs(), u.get())).map(|(u, _)| u)
+}
