@@ -2,34 +2,38 @@
 //! - `bulk_load`: edges written per second by the chunked bulk loader;
 //! - `union_500`: a 500-way union of board bitmaps of 1,000 time-ordered ordinals each
 //!   (roaring `MultiOps` against a `|=` fold);
-//! - `scan_top500`: OR of 300 followed boards' bitmaps (~30k candidates), AND-NOT the
-//!   filter and seen bitmaps, newest-first scan with a work bound, light score from the
-//!   in-memory attributes, top 500 — with and without the RocksDB bitmap reads.
+//! - `read_300_bitmaps`: the board bitmaps of 300 followed boards, from RocksDB and
+//!   through the decoded-bitmap cache.
 //!
-//! Run: `cargo bench --workspace --bench store` (see README, Performance).
+//! The shard-side scan (filters, newest-first, light score, top-K) is benchmarked where
+//! it lives: `retrieval/benches/query.rs`. Run: `./dev bench --bench store`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use feedgraph_graph_store::{BulkLoad, FilterKind, Shard, ShardOptions};
-use feedgraph_model::{BoardId, Durability, Mutation, PinFlag, PinId, PinRef, UserId};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use feedgraph_graph_store::{BulkLoad, Shard, ShardOptions};
+use feedgraph_loadtest::{GraphSpec, generate};
+use feedgraph_model::BoardId;
 use rand::SeedableRng;
-use rand::seq::{IndexedRandom, SliceRandom};
+use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use roaring::{MultiOps, RoaringBitmap};
 
-#[path = "../examples/sample/mod.rs"]
-mod sample;
-use sample::{population, scan_top_k};
+/// One shard's worth of the generator's graph.
+fn shard_population(users: u64, boards: u64, pins: u64) -> BulkLoad {
+    let g =
+        generate(&GraphSpec { users, boards, pins, celebrities: 5, ..GraphSpec::demo(1_800_000_000_000) });
+    BulkLoad { users: g.users, boards: g.boards, pins: g.pins, follows: g.follows }
+}
 
 fn edges_of(load: &BulkLoad) -> u64 {
     load.pins.iter().map(|p| 2 + p.topics.len() as u64).sum::<u64>() + load.follows.len() as u64
 }
 
 fn bench_bulk_load(c: &mut Criterion) {
-    let load = population(200_000, 4_000, 1);
+    let load = shard_population(1_000, 4_000, 200_000);
     let edges = edges_of(&load);
     let mut group = c.benchmark_group("bulk_load");
     group.sample_size(10).measurement_time(Duration::from_secs(20)).throughput(Throughput::Elements(edges));
@@ -81,90 +85,21 @@ fn bench_union(c: &mut Criterion) {
     group.finish();
 }
 
-struct QueryFixture {
-    _dir: tempfile::TempDir,
-    shard: Shard,
-    followed: Vec<BoardId>,
-    viewer: UserId,
-}
-
-/// 300k pins on 3,000 boards (~100 each); the viewer follows 300 boards (~30k
-/// candidates); 1% deleted, 1% spam, 1,000 pins seen.
-fn query_fixture() -> QueryFixture {
+fn bench_bitmap_reads(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let shard = Shard::open(dir.path(), &ShardOptions::new(0)).unwrap();
-    let load = population(300_000, 3_000, 3);
-    let pins: Vec<(PinId, UserId)> = load.pins.iter().map(|p| (p.id, p.owner)).collect();
-    shard.bulk_load(load, 50_000, &mut |_| {}).unwrap();
-    let mut rng = ChaCha8Rng::seed_from_u64(4);
-    let viewer = UserId::new(999_999).unwrap();
-    let mut muts = Vec::new();
-    for (i, (pin, owner)) in pins.iter().enumerate() {
-        let r = PinRef { pin: *pin, owner: *owner };
-        match i % 100 {
-            0 => muts.push(Mutation::DeletePin(r)),
-            1 => muts.push(Mutation::FlagPin { pin: r, flag: PinFlag::Spam, on: true }),
-            _ => {}
-        }
-    }
-    let seen: Vec<PinRef> = pins
-        .choose_multiple(&mut rng, 1_000)
-        .map(|(pin, owner)| PinRef { pin: *pin, owner: *owner })
-        .collect();
-    muts.push(Mutation::RecordImpressions { user: viewer, pins: seen });
-    shard.write(&muts, Durability::Buffered).unwrap();
+    shard.bulk_load(shard_population(750, 3_000, 300_000), 100_000, &mut |_| {}).unwrap();
     shard.flush().unwrap();
-    let mut boards: Vec<u64> = (1..=3_000).collect();
-    boards.shuffle(&mut rng);
-    let followed = boards[..300].iter().map(|b| BoardId::new(*b).unwrap()).collect();
-    QueryFixture { _dir: dir, shard, followed, viewer }
-}
-
-fn candidates(f: &QueryFixture) -> RoaringBitmap {
-    let s = &f.shard;
-    let mut candidates = s.board_pins_many(&f.followed).unwrap().iter().union();
-    for kind in FilterKind::ALL {
-        candidates -= s.filter(kind).unwrap();
-    }
-    candidates -= s.seen(f.viewer).unwrap();
-    candidates
-}
-
-fn bench_scan(c: &mut Criterion) {
-    let f = query_fixture();
-    let union_len = f.shard.board_pins_many(&f.followed).unwrap().iter().union().len();
-    let mut group = c.benchmark_group("scan_top500");
-    group.throughput(Throughput::Elements(union_len));
-    group.bench_function("in_memory", |b| {
-        b.iter_batched(
-            || {
-                let filters: Vec<RoaringBitmap> =
-                    FilterKind::ALL.iter().map(|k| f.shard.filter(*k).unwrap()).collect();
-                (f.shard.board_pins_many(&f.followed).unwrap(), filters, f.shard.seen(f.viewer).unwrap())
-            },
-            |(bitmaps, filters, seen)| {
-                let mut cand = bitmaps.iter().union();
-                for filter in &filters {
-                    cand -= filter;
-                }
-                cand -= seen;
-                let attrs = f.shard.attributes();
-                black_box(scan_top_k(&cand, &attrs, 20_000, 500))
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    group.bench_function("with_store_reads", |b| {
-        b.iter(|| {
-            let cand = candidates(&f);
-            let attrs = f.shard.attributes();
-            black_box(scan_top_k(&cand, &attrs, 20_000, 500))
-        })
-    });
+    let mut boards: Vec<BoardId> = (1..=3_000).map(|b| BoardId::new(b).unwrap()).collect();
+    boards.shuffle(&mut ChaCha8Rng::seed_from_u64(4));
+    boards.truncate(300);
+    let ids: u64 = shard.board_pins_many(&boards).unwrap().iter().map(RoaringBitmap::len).sum();
+    let mut group = c.benchmark_group("read_300_bitmaps");
+    group.throughput(Throughput::Elements(ids));
+    group.bench_function("rocksdb", |b| b.iter(|| black_box(shard.board_pins_many(&boards).unwrap())));
+    group.bench_function("cached", |b| b.iter(|| black_box(shard.board_pins_cached(&boards).unwrap())));
     group.finish();
-    let top = scan_top_k(&candidates(&f), &f.shard.attributes(), 20_000, 500);
-    assert_eq!(top.len(), 500);
 }
 
-criterion_group!(benches, bench_union, bench_scan, bench_bulk_load);
+criterion_group!(benches, bench_union, bench_bitmap_reads, bench_bulk_load);
 criterion_main!(benches);

@@ -1,7 +1,7 @@
 //! One feedgraph shard: a RocksDB instance holding a slice of the graph.
 //!
 //! Owns: the on-disk schema (column families, key and record layouts), the roaring
-//! bitmap merge operator, pin ordinals, the in-memory columnar pin attributes, the bulk
+//! bitmap merge operator, pin ordinals, the in-memory pin attributes, the bulk
 //! loader, and the primitives replication is built from (sequence numbers, WAL updates
 //! with gap detection, checkpoints, WAL retention).
 //!
@@ -23,7 +23,7 @@ mod error;
 mod record;
 mod shard;
 
-pub use attrs::{PinAttributes, PinAttrs};
+pub use attrs::{HotAttrs, PinAttributes, PinAttrs};
 pub use error::{Error, Result};
 pub use record::{FilterKind, PinRecord};
 pub use shard::{
