@@ -5,7 +5,8 @@
 //! 32-byte [`HotAttrs`] row — two per cache line, never straddling one — because a
 //! candidate scan visits sparse, effectively random ordinals: one row costs one cache
 //! miss where separate columns cost one per field (measured: see ARCHITECTURE.md).
-//! What only the top-K needs (pin id, board, millisecond timestamp) stays in columns.
+//! What only the top-K needs (pin id, board, millisecond timestamp) is a separate
+//! 24-byte [`ColdAttrs`] row, read once per kept candidate.
 //!
 //! Invariant: slot `i` describes the pin whose ordinal is `i`, for every `i < len()`;
 //! `len()` may lag the committed `next_ordinal` for an instant after a commit (readers
@@ -49,13 +50,19 @@ impl HotAttrs {
     }
 }
 
+/// What only the candidates that make a top-K need.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ColdAttrs {
+    pin_id: u64,
+    board: u64,
+    created_at_ms: i64,
+}
+
 /// Pin attributes by ordinal.
 #[derive(Clone, Debug, Default)]
 pub struct PinAttributes {
     hot: Vec<HotAttrs>,
-    pin_id: Vec<u64>,
-    board: Vec<u64>,
-    created_at_ms: Vec<i64>,
+    cold: Vec<ColdAttrs>,
 }
 
 /// One pin's attributes, copied out.
@@ -82,17 +89,12 @@ impl PinAttributes {
 
     /// Bytes held (capacity, not length: what the process pays).
     pub fn memory_bytes(&self) -> usize {
-        self.hot.capacity() * size_of::<HotAttrs>()
-            + self.pin_id.capacity() * 8
-            + self.board.capacity() * 8
-            + self.created_at_ms.capacity() * 8
+        self.hot.capacity() * size_of::<HotAttrs>() + self.cold.capacity() * size_of::<ColdAttrs>()
     }
 
     pub(crate) fn reserve(&mut self, additional: usize) {
         self.hot.reserve(additional);
-        self.pin_id.reserve(additional);
-        self.board.reserve(additional);
-        self.created_at_ms.reserve(additional);
+        self.cold.reserve(additional);
     }
 
     /// Sets the slot of `ordinal`; ordinals arrive densely (`ordinal <= len()`).
@@ -105,21 +107,16 @@ impl PinAttributes {
             tracing::error!(ordinal, len = self.len(), "pin attributes: ordinal beyond end");
             let placeholder = HotAttrs { flags: FLAG_DELETED, ..HotAttrs::default() };
             self.hot.resize(i, placeholder);
-            self.pin_id.resize(i, 0);
-            self.board.resize(i, 0);
-            self.created_at_ms.resize(i, 0);
+            self.cold.resize(i, ColdAttrs::default());
         }
         let hot = HotAttrs::of(r);
+        let cold = ColdAttrs { pin_id: r.id.get(), board: r.board.get(), created_at_ms: r.created_at_ms };
         if i == self.len() {
             self.hot.push(hot);
-            self.pin_id.push(r.id.get());
-            self.board.push(r.board.get());
-            self.created_at_ms.push(r.created_at_ms);
+            self.cold.push(cold);
         } else {
             self.hot[i] = hot;
-            self.pin_id[i] = r.id.get();
-            self.board[i] = r.board.get();
-            self.created_at_ms[i] = r.created_at_ms;
+            self.cold[i] = cold;
         }
     }
 
@@ -135,12 +132,12 @@ impl PinAttributes {
 
     pub fn get(&self, ordinal: u32) -> Option<PinAttrs> {
         let i = ordinal as usize;
-        let h = self.hot.get(i)?;
+        let (h, c) = (self.hot.get(i)?, self.cold.get(i)?);
         Some(PinAttrs {
-            pin_id: self.pin_id[i],
+            pin_id: c.pin_id,
             owner: h.owner,
-            board: self.board[i],
-            created_at_ms: self.created_at_ms[i],
+            board: c.board,
+            created_at_ms: c.created_at_ms,
             signals: PinSignals {
                 quality: h.quality,
                 saves: h.saves,

@@ -345,6 +345,7 @@ impl Broker {
                 ),
             });
         };
+        let mut from_cache = false;
         let (state, ranking) = match &req.cursor {
             Some(cursor) => {
                 let bad = |reason: String| Error::InvalidArgument { field: "cursor".into(), reason };
@@ -359,7 +360,10 @@ impl Broker {
                     return Err(bad("cursor was issued by a service with another shard count".into()));
                 }
                 let ranking = match self.rankings.get(&st.ranking_id) {
-                    Some(r) => r,
+                    Some(r) => {
+                        from_cache = true;
+                        r
+                    }
                     None => {
                         let r = self
                             .compute(
@@ -401,10 +405,7 @@ impl Broker {
         let items = ranking.pages.get(index).cloned().unwrap_or_default();
         let next_cursor = (index + 1 < ranking.pages.len())
             .then(|| self.cursors.encode(&CursorState { page: state.page + 1, ..state.clone() }));
-        let mut stats = ranking.stats.clone();
-        if index > 0 {
-            stats.from_cache = true;
-        }
+        let stats = FeedStats { from_cache, ..ranking.stats.clone() };
         Ok(FeedPage { items, next_cursor, stats })
     }
 
@@ -504,15 +505,13 @@ impl Broker {
             following.push(a.following);
             interest.push(a.interest);
         }
-        let following = rank::merge(following);
+        let limit = self.cfg.max_ranked;
+        let following = rank::merge(following, limit);
         let list = match kind {
-            FeedKind::Following => following.into_iter().take(self.cfg.max_ranked).collect(),
-            FeedKind::Home => rank::blend(
-                following,
-                rank::merge(interest),
-                self.cfg.home_interest_share,
-                self.cfg.max_ranked,
-            ),
+            FeedKind::Following => following,
+            FeedKind::Home => {
+                rank::blend(following, rank::merge(interest, limit), self.cfg.home_interest_share, limit)
+            }
         };
         let pages = rank::paginate(list, page_size, self.cfg.max_per_owner, self.cfg.max_per_board);
         let stats = FeedStats {

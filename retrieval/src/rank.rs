@@ -14,12 +14,19 @@ fn better(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
         .then(b.pin.get().cmp(&a.pin.get()))
 }
 
-/// Merges per-shard lists into one, best first, without duplicate pins.
-pub fn merge(lists: Vec<Vec<Candidate>>) -> Vec<Candidate> {
+/// Merges per-shard lists into the best `limit`, best first, without duplicate pins.
+pub fn merge(lists: Vec<Vec<Candidate>>, limit: usize) -> Vec<Candidate> {
     let mut all: Vec<Candidate> = lists.into_iter().flatten().collect();
-    all.sort_unstable_by(better);
     let mut seen = HashSet::with_capacity(all.len());
+    // A pin can come from one shard only (its owner's); dedupe anyway, keeping the best.
+    all.sort_unstable_by(|a, b| a.pin.cmp(&b.pin).then(better(a, b)));
     all.retain(|c| seen.insert(c.pin));
+    // Select the best `limit` without sorting the rest (8,000 merged for 500 kept).
+    if all.len() > limit {
+        all.select_nth_unstable_by(limit, better);
+        all.truncate(limit);
+    }
+    all.sort_unstable_by(better);
     all
 }
 
@@ -113,8 +120,10 @@ mod tests {
     fn merge_orders_and_deduplicates() {
         let a = vec![cand(1, 1, 1, 0.9, Source::FollowedUser), cand(2, 1, 1, 0.5, Source::FollowedUser)];
         let b = vec![cand(3, 2, 2, 0.7, Source::FollowedBoard), cand(1, 1, 1, 0.9, Source::FollowedBoard)];
-        let m = merge(vec![a, b]);
+        let m = merge(vec![a.clone(), b.clone()], 10);
         assert_eq!(m.iter().map(|c| c.pin.get()).collect::<Vec<_>>(), [1, 3, 2]);
+        let m = merge(vec![a, b], 2);
+        assert_eq!(m.iter().map(|c| c.pin.get()).collect::<Vec<_>>(), [1, 3]);
     }
 
     #[test]
