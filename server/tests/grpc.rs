@@ -135,7 +135,7 @@ async fn a_write_is_visible_in_the_next_read() {
     // Health is served.
     let channel =
         Channel::from_shared(format!("http://{}", n.node.grpc_addr())).unwrap().connect().await.unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let status = health
         .check(tonic_health::pb::HealthCheckRequest { service: "feedgraph.v1.FeedService".into() })
         .await
@@ -143,6 +143,25 @@ async fn a_write_is_visible_in_the_next_read() {
         .into_inner()
         .status;
     assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    // Reflection lists every service (what grpcurl relies on).
+    use tonic_reflection::pb::v1 as refl;
+    let mut reflection = refl::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = refl::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(refl::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut answers =
+        reflection.server_reflection_info(tokio_stream::iter(vec![request])).await.unwrap().into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("unexpected reflection answer {answer:?}")
+    };
+    let names: HashSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in ["feedgraph.v1.FeedService", "feedgraph.v1.GraphService", "grpc.health.v1.Health"] {
+        assert!(names.contains(service), "{service} missing from {names:?}");
+    }
     n.node.shutdown().await.unwrap();
 }
 
