@@ -470,32 +470,48 @@ impl Broker {
             }
         }
 
-        let mut tasks = tokio::task::JoinSet::new();
-        let mut asked = 0u32;
-        for (i, q) in queries.into_iter().enumerate() {
-            let Some(q) = q else { continue };
-            asked += 1;
-            let shard = self.shards[i].clone();
-            let delay = self.cfg.shard_delays.get(&(i as u32)).copied();
-            let deadline = self.cfg.shard_deadline;
-            tasks.spawn(async move {
-                let work = tokio::task::spawn_blocking(move || {
-                    if let Some(d) = delay {
-                        std::thread::sleep(d);
+        // Local shard queries run in one blocking "lane" per core rather than one
+        // thread per shard: on few cores, waking 16 threads per request costs more
+        // than it overlaps. Each lane reports every shard as soon as it is done, so a
+        // shard that misses the deadline is left out without holding up the others
+        // already answered.
+        let work: Vec<(usize, CandidateQuery)> =
+            queries.into_iter().enumerate().filter_map(|(i, q)| q.map(|q| (i, q))).collect();
+        let asked = work.len() as u32;
+        let lanes = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, work.len().max(1));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut lane_work: Vec<Vec<(usize, CandidateQuery)>> = (0..lanes).map(|_| Vec::new()).collect();
+        for (k, item) in work.into_iter().enumerate() {
+            lane_work[k % lanes].push(item);
+        }
+        for queries in lane_work {
+            let shards = self.shards.clone();
+            let delays = self.cfg.shard_delays.clone();
+            let tx = tx.clone();
+            tokio::task::spawn_blocking(move || {
+                for (i, q) in queries {
+                    if let Some(d) = delays.get(&(i as u32)) {
+                        std::thread::sleep(*d);
                     }
-                    query::run(&shard, &q)
-                });
-                (i, tokio::time::timeout(deadline, work).await)
+                    // The receiver may be gone (deadline passed): nothing to do then.
+                    if tx.send((i, query::run(&shards[i], &q))).is_err() {
+                        return;
+                    }
+                }
             });
         }
+        drop(tx);
+        let deadline = tokio::time::Instant::now() + self.cfg.shard_deadline;
         let mut answers: Vec<ShardAnswer> = Vec::with_capacity(asked as usize);
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok((_, Ok(Ok(Ok(answer))))) => answers.push(answer),
-                Ok((i, Ok(Ok(Err(e))))) => tracing::warn!(shard = i, error = %e, "candidate query failed"),
-                Ok((i, Ok(Err(e)))) => tracing::warn!(shard = i, error = %e, "candidate query task failed"),
-                Ok((i, Err(_))) => tracing::debug!(shard = i, "candidate query missed its deadline"),
-                Err(e) => tracing::warn!(error = %e, "scatter task failed"),
+        while (answers.len() as u32) < asked {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some((_, Ok(answer)))) => answers.push(answer),
+                Ok(Some((i, Err(e)))) => tracing::warn!(shard = i, error = %e, "candidate query failed"),
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::debug!(answered = answers.len(), asked, "candidate queries missed the deadline");
+                    break;
+                }
             }
         }
         let answered = answers.len() as u32;
