@@ -87,11 +87,6 @@ impl PinAttributes {
         self.hot.is_empty()
     }
 
-    /// Bytes held (capacity, not length: what the process pays).
-    pub fn memory_bytes(&self) -> usize {
-        self.hot.capacity() * size_of::<HotAttrs>() + self.cold.capacity() * size_of::<ColdAttrs>()
-    }
-
     pub(crate) fn reserve(&mut self, additional: usize) {
         self.hot.reserve(additional);
         self.cold.reserve(additional);

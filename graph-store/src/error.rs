@@ -69,11 +69,6 @@ impl Error {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         Error::Io { path: path.display().to_string(), source }
     }
-
-    /// True for errors caused by the request rather than the shard's state.
-    pub fn is_client_error(&self) -> bool {
-        matches!(self, Error::BoardNotFound(_) | Error::OwnerMismatch { .. } | Error::InvalidWrite(_))
-    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

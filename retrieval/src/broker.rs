@@ -335,7 +335,17 @@ impl Broker {
                 reason: format!("must be at most {}", self.cfg.max_page_size),
             });
         }
-        let ranking_name = req.ranking.clone().unwrap_or_else(|| self.cfg.default_ranking.clone());
+        let bad_cursor = |reason: String| Error::InvalidArgument { field: "cursor".into(), reason };
+        let cursor = match &req.cursor {
+            Some(c) => Some(self.cursors.decode(c).map_err(|r| bad_cursor(format!("cursor {r}")))?),
+            None => None,
+        };
+        // A later page follows its cursor's ranking unless the request names another.
+        let ranking_name = match (&req.ranking, &cursor) {
+            (Some(name), _) => name.clone(),
+            (None, Some(st)) => st.ranking.clone(),
+            (None, None) => self.cfg.default_ranking.clone(),
+        };
         let Some(expr) = self.cfg.rankings.get(&ranking_name).cloned() else {
             return Err(Error::InvalidArgument {
                 field: "ranking".into(),
@@ -346,18 +356,16 @@ impl Broker {
             });
         };
         let mut from_cache = false;
-        let (state, ranking) = match &req.cursor {
-            Some(cursor) => {
-                let bad = |reason: String| Error::InvalidArgument { field: "cursor".into(), reason };
-                let st = self.cursors.decode(cursor).map_err(|r| bad(format!("cursor {r}")))?;
+        let (state, ranking) = match cursor {
+            Some(st) => {
                 if st.user != req.user.get() || st.kind != kind {
-                    return Err(bad("cursor was issued for another user or feed".into()));
+                    return Err(bad_cursor("cursor was issued for another user or feed".into()));
                 }
                 if st.ranking != ranking_name {
-                    return Err(bad(format!("cursor was issued for ranking `{}`", st.ranking)));
+                    return Err(bad_cursor(format!("cursor was issued for ranking `{}`", st.ranking)));
                 }
                 if st.watermarks.len() != self.shards.len() {
-                    return Err(bad("cursor was issued by a service with another shard count".into()));
+                    return Err(bad_cursor("cursor was issued by a service with another shard count".into()));
                 }
                 let ranking = match self.rankings.get(&st.ranking_id) {
                     Some(r) => {

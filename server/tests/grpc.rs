@@ -377,6 +377,33 @@ async fn bad_input_gets_a_clear_status_and_writes_nothing() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().starts_with("ranking"), "{}", err.message());
 
+    // A later page follows its cursor's ranking; naming another one is refused.
+    let fresh = n
+        .feed
+        .get_following_feed(pb::FeedRequest {
+            user_id: 1,
+            page_size: 1,
+            ranking: "fresh".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    feed_page(&mut n, 1, 1, &fresh.next_cursor).await.unwrap();
+    let err = n
+        .feed
+        .get_following_feed(pb::FeedRequest {
+            user_id: 1,
+            page_size: 1,
+            cursor: fresh.next_cursor,
+            ranking: "popular".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("cursor"), "{}", err.message());
+
     // An unknown user has an empty feed.
     let r = feed_page(&mut n, 424_242, 10, "").await.unwrap();
     assert!(r.items.is_empty() && r.next_cursor.is_empty());
