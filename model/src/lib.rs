@@ -285,7 +285,7 @@ impl Ack {
 
 /// A validated feed request. The page-size maximum is the server's configuration and
 /// is checked by the broker.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct FeedRequest {
     pub user: UserId,
     pub page_size: NonZeroU32,
@@ -293,6 +293,8 @@ pub struct FeedRequest {
     pub cursor: Option<String>,
     /// Name of a configured ranking expression; `None` for the default.
     pub ranking: Option<String>,
+    /// Request features (`req.<name>` in ranking expressions), all finite.
+    pub features: std::collections::BTreeMap<String, f64>,
 }
 
 /// How the leader commits a write locally.

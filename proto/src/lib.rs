@@ -101,6 +101,8 @@ fn check_quality(field: &str, q: f32) -> Result<f32> {
     }
 }
 
+/// Most request features one feed request may carry.
+pub const MAX_REQUEST_FEATURES: usize = 64;
 /// Longest user name or board name accepted, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
 /// Most topics one pin may carry.
@@ -448,11 +450,22 @@ impl TryFrom<pb::v1::FeedRequest> for model::FeedRequest {
     fn try_from(r: pb::v1::FeedRequest) -> Result<Self> {
         let page_size = std::num::NonZeroU32::new(r.page_size)
             .ok_or_else(|| FieldError::new("page_size", "must be at least 1"))?;
+        if r.features.len() > MAX_REQUEST_FEATURES {
+            return Err(FieldError::new("features", format!("at most {MAX_REQUEST_FEATURES} features")));
+        }
+        let mut features = std::collections::BTreeMap::new();
+        for (name, value) in r.features {
+            if !value.is_finite() {
+                return Err(FieldError::new(format!("features[{name}]"), "must be a finite number"));
+            }
+            features.insert(name, f64::from(value));
+        }
         Ok(Self {
             user: user_id("user_id", r.user_id)?,
             page_size,
             cursor: Some(r.cursor).filter(|c| !c.is_empty()),
             ranking: Some(r.ranking).filter(|c| !c.is_empty()),
+            features,
         })
     }
 }
@@ -599,6 +612,9 @@ mod tests {
         assert_eq!(model::FeedRequest::try_from(r).unwrap_err().field, "page_size");
         let r = p::FeedRequest { user_id: 0, page_size: 5, ..Default::default() };
         assert_eq!(model::FeedRequest::try_from(r).unwrap_err().field, "user_id");
+        let mut r = p::FeedRequest { user_id: 1, page_size: 5, ..Default::default() };
+        r.features.insert("boost".into(), f32::INFINITY);
+        assert_eq!(model::FeedRequest::try_from(r).unwrap_err().field, "features[boost]");
         let r = p::FeedRequest { user_id: 1, page_size: 5, ..Default::default() };
         let f = model::FeedRequest::try_from(r).unwrap();
         assert_eq!(f.cursor, None);

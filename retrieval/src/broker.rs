@@ -374,14 +374,7 @@ impl Broker {
                     }
                     None => {
                         let r = self
-                            .compute(
-                                kind,
-                                req.user,
-                                expr,
-                                st.now_ms,
-                                st.watermarks.clone(),
-                                st.page_size as usize,
-                            )
+                            .compute(kind, req, expr, st.now_ms, st.watermarks.clone(), st.page_size as usize)
                             .await?;
                         self.rankings.insert(st.ranking_id, r.clone());
                         r
@@ -393,7 +386,7 @@ impl Broker {
                 let watermarks: Vec<u32> = self.shards.iter().map(|s| s.next_ordinal()).collect();
                 let now = now_ms();
                 let page_size = req.page_size.get() as usize;
-                let ranking = self.compute(kind, req.user, expr, now, watermarks.clone(), page_size).await?;
+                let ranking = self.compute(kind, req, expr, now, watermarks.clone(), page_size).await?;
                 let ranking_id = rand::random::<u64>();
                 self.rankings.insert(ranking_id, ranking.clone());
                 let st = CursorState {
@@ -418,15 +411,18 @@ impl Broker {
     }
 
     /// Computes a whole ranking from a snapshot: `now_ms` and per-shard ordinal bounds.
+    /// The request's features are bound to the expression here (a ranking recomputed
+    /// for a later page uses that request's features).
     async fn compute(
         &self,
         kind: FeedKind,
-        user: UserId,
+        req: &FeedRequest,
         expr: Arc<Expr>,
         now_ms: i64,
         watermarks: Vec<u32>,
         page_size: usize,
     ) -> Result<Arc<Ranking>> {
+        let user = req.user;
         let follows = self.follows_of(user).await?;
         let n = self.shards.len();
         let template = CandidateQuery {
@@ -438,7 +434,11 @@ impl Broker {
             blocked: follows.blocked.clone(),
             top_k: self.cfg.candidates_per_shard,
             scan_limit: self.cfg.scan_limit,
-            request_values: vec![0.0; expr.request_features().len()],
+            request_values: expr
+                .request_features()
+                .iter()
+                .map(|f| req.features.get(f).copied().unwrap_or(0.0))
+                .collect(),
             expr,
             now_ms,
             ordinal_bound: None,

@@ -69,6 +69,7 @@ fn domain_request() -> FeedRequest {
         page_size: NonZeroU32::new(25).unwrap(),
         cursor: None,
         ranking: None,
+        features: Default::default(),
     }
 }
 

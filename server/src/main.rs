@@ -73,9 +73,18 @@ struct FeedArgs {
     /// Named ranking expression (see the service's [rankings]).
     #[arg(long, default_value = "")]
     ranking: String,
+    /// Request feature for the ranking expression (`req.NAME`), as NAME=VALUE; repeatable.
+    #[arg(long, value_parser = parse_feature)]
+    feature: Vec<(String, f32)>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_feature(s: &str) -> Result<(String, f32), String> {
+    let (name, value) = s.split_once('=').ok_or("expected NAME=VALUE")?;
+    let value: f32 = value.parse().map_err(|e| format!("{value}: {e}"))?;
+    Ok((name.to_owned(), value))
 }
 
 #[derive(Args, Debug)]
@@ -348,6 +357,7 @@ async fn feed(args: FeedArgs) -> anyhow::Result<()> {
         cursor: args.cursor,
         ranking: args.ranking,
         request_id: String::new(),
+        features: args.feature.into_iter().collect(),
     };
     let response = if args.home {
         client.get_home_feed(request).await

@@ -94,8 +94,7 @@ async fn feed_page(
             user_id: user,
             page_size,
             cursor: cursor.into(),
-            ranking: String::new(),
-            request_id: String::new(),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
@@ -533,4 +532,39 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut out = String::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await.unwrap().unwrap();
     out
+}
+
+#[tokio::test]
+async fn request_features_steer_the_ranking_expression() {
+    let mut n = start(|c| {
+        c.rankings.insert("steerable".into(), "quality + req.w * ln(1 + saves)".into());
+    })
+    .await;
+    let pin_with = |id: u64, quality: f32, saves: u32| {
+        m(Op::UpsertPin(pb::UpsertPin {
+            pin_id: id,
+            board_id: 1000,
+            owner_id: 10,
+            created_at_ms: NOW,
+            topic_ids: vec![],
+            signals: Some(pb::PinSignals { quality, saves, ..Default::default() }),
+        }))
+    };
+    write(&mut n, vec![board(1000, 10), pin_with(1, 0.9, 0), pin_with(2, 0.1, 100), follow_user(5, 10)])
+        .await
+        .unwrap();
+    let order = |w: f32| pb::FeedRequest {
+        user_id: 5,
+        page_size: 2,
+        ranking: "steerable".into(),
+        features: [("w".to_owned(), w)].into_iter().collect(),
+        ..Default::default()
+    };
+    let first = |r: pb::FeedResponse| r.items.first().map(|i| i.pin_id);
+    assert_eq!(first(n.feed.get_following_feed(order(0.0)).await.unwrap().into_inner()), Some(1));
+    assert_eq!(first(n.feed.get_following_feed(order(1.0)).await.unwrap().into_inner()), Some(2));
+    let err = n.feed.get_following_feed(order(f32::NAN)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("features[w]"), "{}", err.message());
+    n.node.shutdown().await.unwrap();
 }
