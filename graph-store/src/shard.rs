@@ -1,6 +1,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -147,6 +147,9 @@ pub struct Shard {
     /// The single writer's state; held for the whole of a write so that ordinal
     /// allocation, commit and attribute update happen in one order.
     writer: Mutex<WriterState>,
+    /// `writer.next_ordinal` as of the last commit, for readers: they must not wait on
+    /// the writer's lock (held across a commit, fsync included).
+    committed_next_ordinal: AtomicU32,
     attrs: RwLock<PinAttributes>,
     cache: BitmapCache,
 }
@@ -266,6 +269,7 @@ impl Shard {
             id: opts.shard_id,
             path,
             writer: Mutex::new(WriterState { next_ordinal: 0 }),
+            committed_next_ordinal: AtomicU32::new(0),
             attrs: RwLock::new(PinAttributes::default()),
             cache: BitmapCache::new(opts.bitmap_cache_bytes),
         };
@@ -335,6 +339,7 @@ impl Shard {
         let next = stored.max(attrs.len() as u32);
         *self.attrs.get_mut().unwrap_or_else(|e| e.into_inner()) = attrs;
         self.writer.get_mut().unwrap_or_else(|e| e.into_inner()).next_ordinal = next;
+        *self.committed_next_ordinal.get_mut() = next;
         Ok(())
     }
 
@@ -360,9 +365,10 @@ impl Shard {
         self.attrs.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The ordinal the next new pin will get (= number of pins ever created here).
+    /// The ordinal the next new pin will get (= number of pins ever created here), as
+    /// of the last commit. Never waits for a write in progress.
     pub fn next_ordinal(&self) -> u32 {
-        self.lock_writer().next_ordinal
+        self.committed_next_ordinal.load(Ordering::Acquire)
     }
 
     /// RocksDB's latest sequence number: what replication positions are measured in.
@@ -392,6 +398,7 @@ impl Shard {
         }
         self.commit(batch, durability)?;
         writer.next_ordinal = next_ordinal;
+        self.committed_next_ordinal.store(next_ordinal, Ordering::Release);
         self.cache.invalidate(Some(deltas.keys().map(|(cf, key)| (*cf, key.as_slice()))));
         let mut attrs = self.attrs_mut();
         for (ordinal, rec) in &records {
@@ -565,6 +572,7 @@ impl Shard {
             batch.put_cf(self.cf(CF_META), META_NEXT_ORDINAL, u64::from(next).to_le_bytes());
             self.commit(std::mem::take(&mut batch), Durability::Buffered)?;
             writer.next_ordinal = next;
+            self.committed_next_ordinal.store(next, Ordering::Release);
             self.cache.invalidate(None::<std::iter::Empty<(&str, &[u8])>>);
             {
                 let mut attrs = self.attrs_mut();
