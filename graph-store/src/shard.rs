@@ -60,6 +60,8 @@ pub struct ShardOptions {
     pub background_jobs: i32,
     /// In-memory cache of decoded adjacency and filter bitmaps, in bytes (0 = off).
     pub bitmap_cache_bytes: u64,
+    /// Users whose follow lists are cached.
+    pub follows_cache_entries: u64,
 }
 
 impl ShardOptions {
@@ -72,6 +74,7 @@ impl ShardOptions {
             write_buffer_bytes: 32 << 20,
             background_jobs: 2,
             bitmap_cache_bytes: 64 << 20,
+            follows_cache_entries: 100_000,
         }
     }
 }
@@ -151,30 +154,53 @@ pub struct Shard {
     /// the writer's lock (held across a commit, fsync included).
     committed_next_ordinal: AtomicU32,
     attrs: RwLock<PinAttributes>,
-    cache: BitmapCache,
+    cache: ReadCache,
 }
 
-/// Decoded hot bitmaps (user, board, topic adjacency and filters), invalidated exactly:
-/// a write invalidates the keys its merge operands touched.
+/// Decoded hot reads — adjacency and filter bitmaps, follow lists — invalidated
+/// exactly: a write invalidates the bitmap keys its merge operands touched and the
+/// follow lists it changed.
 ///
-/// A reader that fetched a bitmap from RocksDB caches it only if no write committed
+/// A reader that fetched a value from RocksDB caches it only if no write committed
 /// since it started reading (`generation` unchanged), checked under `gate`; a writer
 /// bumps `generation` and invalidates under the same gate after its commit. So a value
 /// read before a commit is either inserted before the writer's invalidation (and
 /// removed by it) or not inserted at all.
-struct BitmapCache {
-    entries: moka::sync::Cache<(u8, u64), Arc<RoaringBitmap>>,
+struct ReadCache {
+    bitmaps: moka::sync::Cache<(u8, u64), Arc<RoaringBitmap>>,
+    follows: moka::sync::Cache<UserId, Arc<Follows>>,
     generation: AtomicU64,
     gate: RwLock<()>,
 }
 
-impl BitmapCache {
-    fn new(bytes: u64) -> Self {
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(bytes)
+impl ReadCache {
+    fn new(opts: &ShardOptions) -> Self {
+        let bitmaps = moka::sync::Cache::builder()
+            .max_capacity(opts.bitmap_cache_bytes)
             .weigher(|_, v: &Arc<RoaringBitmap>| u32::try_from(v.serialized_size() + 64).unwrap_or(u32::MAX))
             .build();
-        Self { entries, generation: AtomicU64::new(0), gate: RwLock::new(()) }
+        let follows = moka::sync::Cache::builder().max_capacity(opts.follows_cache_entries).build();
+        Self { bitmaps, follows, generation: AtomicU64::new(0), gate: RwLock::new(()) }
+    }
+
+    /// Reads through the cache: `get` on a hit, else `load`, then `insert` only if no
+    /// write committed meanwhile.
+    fn read_through<V: Clone>(
+        &self,
+        get: impl FnOnce() -> Option<V>,
+        load: impl FnOnce() -> Result<V>,
+        insert: impl FnOnce(&V),
+    ) -> Result<V> {
+        if let Some(v) = get() {
+            return Ok(v);
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let v = load()?;
+        let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        if self.generation.load(Ordering::Acquire) == generation {
+            insert(&v);
+        }
+        Ok(v)
     }
 
     /// Cache key of a bitmap key, for the cached families.
@@ -193,20 +219,26 @@ impl BitmapCache {
         }
     }
 
-    /// Called after a commit, with the keys it changed (`None`: everything).
-    fn invalidate<'k>(&self, keys: Option<impl Iterator<Item = (&'k str, &'k [u8])>>) {
+    /// Called after a commit, with the bitmap keys and follow lists it changed.
+    fn invalidate<'k>(&self, keys: impl Iterator<Item = (&'k str, &'k [u8])>, follows: &HashSet<UserId>) {
         let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
-        match keys {
-            Some(keys) => {
-                for (cf, key) in keys {
-                    if let Some(k) = Self::key(cf, key) {
-                        self.entries.invalidate(&k);
-                    }
-                }
+        for (cf, key) in keys {
+            if let Some(k) = Self::key(cf, key) {
+                self.bitmaps.invalidate(&k);
             }
-            None => self.entries.invalidate_all(),
         }
+        for user in follows {
+            self.follows.invalidate(user);
+        }
+    }
+
+    /// Called after a commit that may have changed anything (a bulk-load chunk).
+    fn invalidate_all(&self) {
+        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.bitmaps.invalidate_all();
+        self.follows.invalidate_all();
     }
 }
 
@@ -271,7 +303,7 @@ impl Shard {
             writer: Mutex::new(WriterState { next_ordinal: 0 }),
             committed_next_ordinal: AtomicU32::new(0),
             attrs: RwLock::new(PinAttributes::default()),
-            cache: BitmapCache::new(opts.bitmap_cache_bytes),
+            cache: ReadCache::new(opts),
         };
         shard.check_meta(opts.shard_id)?;
         shard.rebuild_attributes()?;
@@ -386,7 +418,7 @@ impl Shard {
         for m in mutations {
             w.apply(m)?;
         }
-        let BatchBuilder { batch, deltas, records, next_ordinal, unknown_pins, .. } = w;
+        let BatchBuilder { batch, deltas, records, next_ordinal, unknown_pins, follow_changes, .. } = w;
         let mut batch = batch;
         for ((cf, key), delta) in &deltas {
             if !delta.is_empty() {
@@ -399,7 +431,7 @@ impl Shard {
         self.commit(batch, durability)?;
         writer.next_ordinal = next_ordinal;
         self.committed_next_ordinal.store(next_ordinal, Ordering::Release);
-        self.cache.invalidate(Some(deltas.keys().map(|(cf, key)| (*cf, key.as_slice()))));
+        self.cache.invalidate(deltas.keys().map(|(cf, key)| (*cf, key.as_slice())), &follow_changes);
         let mut attrs = self.attrs_mut();
         for (ordinal, rec) in &records {
             attrs.set(*ordinal, rec);
@@ -573,7 +605,7 @@ impl Shard {
             self.commit(std::mem::take(&mut batch), Durability::Buffered)?;
             writer.next_ordinal = next;
             self.committed_next_ordinal.store(next, Ordering::Release);
-            self.cache.invalidate(None::<std::iter::Empty<(&str, &[u8])>>);
+            self.cache.invalidate_all();
             {
                 let mut attrs = self.attrs_mut();
                 attrs.reserve(new_records.len());
@@ -588,6 +620,7 @@ impl Shard {
         // The final (possibly pin-less) batch, synced: it makes every earlier chunk
         // durable too, since the WAL is sequential.
         self.commit(batch, Durability::Sync)?;
+        self.cache.invalidate_all();
         if pins.is_empty() {
             progress(&BulkProgress { pins_done: 0, pins_total: 0, edges_written: stats.edges_written });
         }
@@ -680,25 +713,28 @@ impl Shard {
             .collect()
     }
 
-    /// `bitmaps` through the cache, in input order.
+    /// `bitmaps` through the cache, in input order; the misses in one batched read.
     fn bitmaps_cached(&self, cf: &'static str, keys: Vec<Vec<u8>>) -> Result<Vec<Arc<RoaringBitmap>>> {
-        let mut out: Vec<Option<Arc<RoaringBitmap>>> =
-            keys.iter().map(|k| BitmapCache::key(cf, k).and_then(|ck| self.cache.entries.get(&ck))).collect();
-        let missing: Vec<usize> = (0..keys.len()).filter(|i| out[*i].is_none()).collect();
-        if !missing.is_empty() {
-            let generation = self.cache.generation.load(Ordering::Acquire);
-            let fetched = self.bitmaps(cf, missing.iter().map(|i| keys[*i].clone()).collect())?;
-            let _gate = self.cache.gate.read().unwrap_or_else(|e| e.into_inner());
-            let fresh = self.cache.generation.load(Ordering::Acquire) == generation;
-            for (i, bitmap) in missing.into_iter().zip(fetched) {
-                let bitmap = Arc::new(bitmap);
-                if fresh && let Some(ck) = BitmapCache::key(cf, &keys[i]) {
-                    self.cache.entries.insert(ck, bitmap.clone());
+        let cache_keys: Vec<Option<(u8, u64)>> = keys.iter().map(|k| ReadCache::key(cf, k)).collect();
+        let cached: Vec<Option<Arc<RoaringBitmap>>> =
+            cache_keys.iter().map(|ck| ck.and_then(|ck| self.cache.bitmaps.get(&ck))).collect();
+        let missing: Vec<usize> = (0..keys.len()).filter(|i| cached[*i].is_none()).collect();
+        let fetched = self.cache.read_through(
+            || missing.is_empty().then(Vec::new),
+            || {
+                let fetched = self.bitmaps(cf, missing.iter().map(|i| keys[*i].clone()).collect())?;
+                Ok(fetched.into_iter().map(Arc::new).collect::<Vec<_>>())
+            },
+            |fetched| {
+                for (i, bitmap) in missing.iter().zip(fetched) {
+                    if let Some(ck) = cache_keys[*i] {
+                        self.cache.bitmaps.insert(ck, bitmap.clone());
+                    }
                 }
-                out[i] = Some(bitmap);
-            }
-        }
-        Ok(out.into_iter().map(|b| b.unwrap_or_default()).collect())
+            },
+        )?;
+        let mut fetched = fetched.into_iter();
+        Ok(cached.into_iter().map(|c| c.or_else(|| fetched.next()).unwrap_or_default()).collect())
     }
 
     /// Cached `user_pins` of many users, in input order (the retrieval hot path).
@@ -759,6 +795,15 @@ impl Shard {
     /// Ordinals of this shard's pins the user has been shown.
     pub fn seen(&self, user: UserId) -> Result<RoaringBitmap> {
         self.bitmap(CF_SEEN, &u64_key(user.get()))
+    }
+
+    /// `follows` through the cache (the broker reads this on every feed request).
+    pub fn follows_cached(&self, user: UserId) -> Result<Arc<Follows>> {
+        self.cache.read_through(
+            || self.cache.follows.get(&user),
+            || Ok(Arc::new(self.follows(user)?)),
+            |f| self.cache.follows.insert(user, f.clone()),
+        )
     }
 
     /// A user's follow and block lists (empty for an unknown user).
@@ -892,6 +937,8 @@ struct BatchBuilder<'a> {
     boards: HashMap<BoardId, UserId>,
     next_ordinal: u32,
     unknown_pins: usize,
+    /// Users whose follow or block lists this batch changes.
+    follow_changes: HashSet<UserId>,
 }
 
 impl<'a> BatchBuilder<'a> {
@@ -905,6 +952,7 @@ impl<'a> BatchBuilder<'a> {
             boards: HashMap::new(),
             next_ordinal,
             unknown_pins: 0,
+            follow_changes: HashSet::new(),
         }
     }
 
@@ -982,16 +1030,20 @@ impl<'a> BatchBuilder<'a> {
             Mutation::Follow { follower, target } => {
                 let (key, value) = follow_entry(*follower, *target);
                 self.batch.put_cf(cf(CF_FOLLOWS), key, value);
+                self.follow_changes.insert(*follower);
             }
             Mutation::Unfollow { follower, target } => {
                 let (key, _) = follow_entry(*follower, *target);
                 self.batch.delete_cf(cf(CF_FOLLOWS), key);
+                self.follow_changes.insert(*follower);
             }
             Mutation::BlockUser { user, blocked } => {
                 self.batch.put_cf(cf(CF_FOLLOWS), follow_key(*user, EdgeKind::Blocked, blocked.get()), []);
+                self.follow_changes.insert(*user);
             }
             Mutation::UnblockUser { user, blocked } => {
                 self.batch.delete_cf(cf(CF_FOLLOWS), follow_key(*user, EdgeKind::Blocked, blocked.get()));
+                self.follow_changes.insert(*user);
             }
             Mutation::DeletePin(pin) => {
                 if let Some((ordinal, mut rec)) = self.referenced_pin(*pin)? {
@@ -1453,7 +1505,7 @@ mod tests {
     }
 
     #[test]
-    fn cached_bitmaps_follow_every_write() {
+    fn cached_reads_follow_every_write() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
         let r = |p| PinRef { pin: pid(p), owner: uid(10) };
@@ -1468,8 +1520,13 @@ mod tests {
             )
         };
         assert_eq!(read(&s), (vec![0], vec![], vec![0], vec![0], vec![]));
-        // Cached now; every kind of change must show through.
+        // The reads were cached (board 1 is (2, 1)), and this write drops exactly what
+        // it changes: boards 1 and 2, topic 5, user 10 — not board 3's entry.
+        s.board_pins_cached(&[bid(3)]).unwrap();
+        assert!(s.cache.bitmaps.contains_key(&(2, 1)) && s.cache.bitmaps.contains_key(&(2, 3)));
         s.write(&[pin(101, 10, 1, 2, &[5]), pin(100, 10, 2, 1, &[])], Durability::Buffered).unwrap();
+        assert!(!s.cache.bitmaps.contains_key(&(2, 1)) && !s.cache.bitmaps.contains_key(&(3, 5)));
+        assert!(s.cache.bitmaps.contains_key(&(2, 3)));
         assert_eq!(read(&s), (vec![1], vec![0], vec![1], vec![0, 1], vec![]));
         s.write(&[Mutation::FlagPin { pin: r(101), flag: PinFlag::Spam, on: true }], Durability::Buffered)
             .unwrap();
@@ -1487,6 +1544,25 @@ mod tests {
         };
         s.bulk_load(load, 10, &mut |_| {}).unwrap();
         assert_eq!(read(&s), (vec![1], vec![0, 2], vec![1, 2], vec![0, 1, 2], vec![1]));
+
+        // Follow lists: cached, and dropped by the follower's own follow and block writes.
+        assert!(s.follows_cached(uid(1)).unwrap().users.is_empty());
+        assert!(s.cache.follows.contains_key(&uid(1)));
+        s.write(
+            &[Mutation::Follow { follower: uid(2), target: FollowTarget::User(uid(10)) }],
+            Durability::Buffered,
+        )
+        .unwrap();
+        assert!(s.cache.follows.contains_key(&uid(1)), "another user's follow keeps user 1's entry");
+        s.write(
+            &[Mutation::Follow { follower: uid(1), target: FollowTarget::User(uid(10)) }],
+            Durability::Buffered,
+        )
+        .unwrap();
+        assert!(!s.cache.follows.contains_key(&uid(1)));
+        assert_eq!(s.follows_cached(uid(1)).unwrap().users, [uid(10)]);
+        s.write(&[Mutation::BlockUser { user: uid(1), blocked: uid(66) }], Durability::Buffered).unwrap();
+        assert_eq!(s.follows_cached(uid(1)).unwrap().blocked, [uid(66)]);
     }
 
     #[test]

@@ -49,7 +49,6 @@ pub struct BrokerConfig {
     /// How long a computed ranking stays cached for its later pages.
     pub ranking_ttl: Duration,
     pub ranking_cache_entries: u64,
-    pub follows_cache_entries: u64,
     /// Named light-score expressions.
     pub rankings: BTreeMap<String, Arc<Expr>>,
     /// The ranking used when a request names none.
@@ -105,7 +104,6 @@ struct Ranking {
 pub struct Broker {
     shards: Arc<Vec<Arc<Shard>>>,
     cfg: BrokerConfig,
-    follows: Cache<UserId, Arc<Follows>>,
     rankings: Cache<u64, Arc<Ranking>>,
     cursors: CursorCodec,
 }
@@ -140,18 +138,13 @@ impl Broker {
                 cfg.default_ranking
             )));
         }
-        let follows = Cache::builder().max_capacity(cfg.follows_cache_entries).build();
         let rankings =
             Cache::builder().max_capacity(cfg.ranking_cache_entries).time_to_live(cfg.ranking_ttl).build();
-        Ok(Self { shards: Arc::new(shards), cfg, follows, rankings, cursors: CursorCodec::new(cursor_key) })
+        Ok(Self { shards: Arc::new(shards), cfg, rankings, cursors: CursorCodec::new(cursor_key) })
     }
 
     pub fn shard_count(&self) -> u32 {
         self.shards.len() as u32
-    }
-
-    pub fn config(&self) -> &BrokerConfig {
-        &self.cfg
     }
 
     fn shard_for(&self, user: UserId) -> Arc<Shard> {
@@ -175,17 +168,7 @@ impl Broker {
         self.check_boards(&mutations).await?;
 
         let mut per_shard: BTreeMap<u32, Vec<Mutation>> = BTreeMap::new();
-        let mut follow_changes: HashSet<UserId> = HashSet::new();
         for m in mutations {
-            match &m {
-                Mutation::Follow { follower, .. } | Mutation::Unfollow { follower, .. } => {
-                    follow_changes.insert(*follower);
-                }
-                Mutation::BlockUser { user, .. } | Mutation::UnblockUser { user, .. } => {
-                    follow_changes.insert(*user);
-                }
-                _ => {}
-            }
             // Every mutation left after the split names a user (an empty impression
             // list has nothing to route and nothing to do).
             let Some(user) = m.routing_user() else { continue };
@@ -212,9 +195,6 @@ impl Broker {
                     first_error.get_or_insert(e);
                 }
             }
-        }
-        for user in follow_changes {
-            self.follows.invalidate(&user);
         }
         if let Some(e) = first_error {
             return Err(e);
@@ -285,15 +265,11 @@ impl Broker {
 
     // ------------------------------------------------------------------ reads
 
-    /// A user's follow lists, cached until the user's next follow or block change.
+    /// A user's follow lists (cached by the user's shard until their next follow or
+    /// block change).
     pub async fn follows_of(&self, user: UserId) -> Result<Arc<Follows>> {
-        if let Some(f) = self.follows.get(&user) {
-            return Ok(f);
-        }
         let shard = self.shard_for(user);
-        let f = Arc::new(blocking(move || Ok(shard.follows(user)?)).await?);
-        self.follows.insert(user, f.clone());
-        Ok(f)
+        blocking(move || Ok(shard.follows_cached(user)?)).await
     }
 
     /// A pin with its flags; `None` when its owner's shard does not hold it.

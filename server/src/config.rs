@@ -62,8 +62,6 @@ pub struct FeedConfig {
     pub ranking_ttl_s: u64,
     /// Rankings kept in the cache.
     pub ranking_cache_entries: u64,
-    /// Users whose follow lists are cached.
-    pub follows_cache_entries: u64,
     /// Ranking used when a request names none; must be in `rankings`.
     pub default_ranking: String,
 }
@@ -82,6 +80,8 @@ pub struct StoreConfig {
     pub bitmap_cache_mb: u64,
     /// Memtable size per column family, in MiB.
     pub write_buffer_mb: u64,
+    /// Users whose follow lists each shard caches.
+    pub follows_cache_entries: u64,
 }
 
 /// Fault injection for tests and drills. Never set in production.
@@ -128,7 +128,6 @@ impl Default for FeedConfig {
             engaged_topics: 5,
             ranking_ttl_s: 600,
             ranking_cache_entries: 100_000,
-            follows_cache_entries: 100_000,
             default_ranking: "default".into(),
         }
     }
@@ -142,6 +141,7 @@ impl Default for StoreConfig {
             block_cache_mb: 32,
             bitmap_cache_mb: 32,
             write_buffer_mb: 16,
+            follows_cache_entries: 100_000,
         }
     }
 }
@@ -228,7 +228,6 @@ impl Config {
             engaged_topics: f.engaged_topics,
             ranking_ttl: Duration::from_secs(f.ranking_ttl_s.max(1)),
             ranking_cache_entries: f.ranking_cache_entries,
-            follows_cache_entries: f.follows_cache_entries,
             rankings,
             default_ranking: f.default_ranking.clone(),
             shard_delays,
@@ -244,6 +243,7 @@ impl Config {
             block_cache_bytes: (s.block_cache_mb << 20) as usize,
             write_buffer_bytes: (s.write_buffer_mb.max(1) << 20) as usize,
             bitmap_cache_bytes: s.bitmap_cache_mb << 20,
+            follows_cache_entries: s.follows_cache_entries,
             ..feedgraph_graph_store::ShardOptions::new(id)
         }
     }
