@@ -2,7 +2,7 @@
 //!
 //! Owns: the candidate query run next to the data ([`query`]: OR of followed users' /
 //! boards' / topics' bitmaps → AND-NOT filters and seen pins → newest-first scan with a
-//! work bound → drop blocked owners → light score → top-K per group, with features);
+//! work bound → drop blocked owners → light score → top-K per group);
 //! the broker ([`broker`]: write routing, follows cache, scatter with deadlines, gather,
 //! merge, home-feed blending, diversity caps, rankings cached for pagination); the pure
 //! ranking steps ([`rank`]); and authenticated cursors ([`cursor`]).

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use feedgraph_graph_store::{HotAttrs, Shard};
 use feedgraph_model::{BoardId, PinId, TopicId, UserId};
-use feedgraph_scoring::{Expr, PIN_VARIABLES};
+use feedgraph_scoring::Expr;
 use roaring::{MultiOps, RoaringBitmap};
 
 /// Where a candidate came from. Following candidates come from followed users and
@@ -60,11 +60,8 @@ pub struct Candidate {
     pub owner: UserId,
     pub board: BoardId,
     pub created_at_ms: i64,
-    pub ordinal: u32,
     pub score: f64,
     pub source: Source,
-    /// The pin variables the score was computed from (features for the ML scorer).
-    pub features: [f32; PIN_VARIABLES.len()],
 }
 
 /// What a shard answers.
@@ -76,14 +73,11 @@ pub struct ShardAnswer {
     pub interest: Vec<Candidate>,
     /// Candidates examined.
     pub scanned: u64,
-    /// The shard's next ordinal when the query ran.
-    pub watermark: u32,
 }
 
 /// Runs the query on one shard. Blocks on RocksDB (cached bitmaps aside): call it on a
 /// blocking pool.
 pub fn run(shard: &Shard, q: &CandidateQuery) -> Result<ShardAnswer, feedgraph_graph_store::Error> {
-    let watermark = shard.next_ordinal();
     let users = shard.user_pins_cached(&q.users)?;
     let boards = shard.board_pins_cached(&q.boards)?;
     let topics = shard.topic_pins_cached(&q.topics)?;
@@ -94,7 +88,7 @@ pub fn run(shard: &Shard, q: &CandidateQuery) -> Result<ShardAnswer, feedgraph_g
 
     let mut candidates = [&user_set, &board_set, &topic_set, &engaged_set].into_iter().union();
     if candidates.is_empty() {
-        return Ok(ShardAnswer { watermark, ..Default::default() });
+        return Ok(ShardAnswer::default());
     }
     for filter in shard.filters_cached()? {
         candidates -= filter.as_ref();
@@ -161,7 +155,7 @@ pub fn run(shard: &Shard, q: &CandidateQuery) -> Result<ShardAnswer, feedgraph_g
             let heap = if is_following { &mut following } else { &mut interest };
             // The source is worked out only for candidates that make the top-K.
             heap.offer(score, ordinal, || {
-                let source = if user_set.contains(ordinal) {
+                if user_set.contains(ordinal) {
                     Source::FollowedUser
                 } else if board_set.contains(ordinal) {
                     Source::FollowedBoard
@@ -169,35 +163,27 @@ pub fn run(shard: &Shard, q: &CandidateQuery) -> Result<ShardAnswer, feedgraph_g
                     Source::FollowedTopic
                 } else {
                     Source::EngagedTopic
-                };
-                (vars.map(|v| v as f32), source)
+                }
             });
         }
     }
     let to_candidates = |top: TopK| -> Vec<Candidate> {
         top.into_sorted()
             .into_iter()
-            .filter_map(|(score, ordinal, (features, source))| {
+            .filter_map(|(score, ordinal, source)| {
                 let a = attrs.get(ordinal)?;
                 Some(Candidate {
                     pin: PinId::new(a.pin_id)?,
                     owner: UserId::new(a.owner)?,
                     board: BoardId::new(a.board)?,
                     created_at_ms: a.created_at_ms,
-                    ordinal,
                     score,
                     source,
-                    features,
                 })
             })
             .collect()
     };
-    Ok(ShardAnswer {
-        following: to_candidates(following),
-        interest: to_candidates(interest),
-        scanned,
-        watermark,
-    })
+    Ok(ShardAnswer { following: to_candidates(following), interest: to_candidates(interest), scanned })
 }
 
 /// Keeps the `k` best by (score, ordinal); the payload is built only for kept items.
@@ -206,9 +192,8 @@ struct TopK {
     heap: BinaryHeap<Reverse<Entry>>,
 }
 
-struct Entry(f64, u32, Payload);
-/// What is kept of a top-K candidate until the scan ends: its features and source.
-type Payload = ([f32; PIN_VARIABLES.len()], Source);
+/// Score, ordinal, and the source (worked out only for entries that are kept).
+struct Entry(f64, u32, Source);
 
 impl PartialEq for Entry {
     fn eq(&self, other: &Self) -> bool {
@@ -232,7 +217,7 @@ impl TopK {
         Self { k, heap: BinaryHeap::with_capacity(k.min(4096) + 1) }
     }
 
-    fn offer(&mut self, score: f64, ordinal: u32, payload: impl FnOnce() -> Payload) {
+    fn offer(&mut self, score: f64, ordinal: u32, payload: impl FnOnce() -> Source) {
         if self.k == 0 {
             return;
         }
@@ -247,7 +232,7 @@ impl TopK {
     }
 
     /// Best first; ties broken by newer ordinal first.
-    fn into_sorted(self) -> Vec<(f64, u32, Payload)> {
+    fn into_sorted(self) -> Vec<(f64, u32, Source)> {
         let mut v: Vec<Entry> = self.heap.into_iter().map(|r| r.0).collect();
         v.sort_unstable_by(|a, b| b.cmp(a));
         v.into_iter().map(|e| (e.0, e.1, e.2)).collect()

@@ -3,6 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use feedgraph_model::PinId;
+
 use crate::query::Candidate;
 
 /// Total order: score, then newer, then higher pin id — deterministic, so that a
@@ -16,11 +18,23 @@ fn better(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
 
 /// Merges per-shard lists into the best `limit`, best first, without duplicate pins.
 pub fn merge(lists: Vec<Vec<Candidate>>, limit: usize) -> Vec<Candidate> {
-    let mut all: Vec<Candidate> = lists.into_iter().flatten().collect();
-    let mut seen = HashSet::with_capacity(all.len());
-    // A pin can come from one shard only (its owner's); dedupe anyway, keeping the best.
-    all.sort_unstable_by(|a, b| a.pin.cmp(&b.pin).then(better(a, b)));
-    all.retain(|c| seen.insert(c.pin));
+    // A pin lives on its owner's shard only, so duplicates need ids reused across
+    // owners; keep the best of each anyway, in one pass rather than a sort.
+    let mut all: Vec<Candidate> = Vec::new();
+    let mut at: HashMap<PinId, usize> = HashMap::new();
+    for c in lists.into_iter().flatten() {
+        match at.get(&c.pin) {
+            Some(&i) => {
+                if better(&c, &all[i]).is_lt() {
+                    all[i] = c;
+                }
+            }
+            None => {
+                at.insert(c.pin, all.len());
+                all.push(c);
+            }
+        }
+    }
     // Select the best `limit` without sorting the rest (8,000 merged for 500 kept).
     if all.len() > limit {
         all.select_nth_unstable_by(limit, better);
@@ -100,7 +114,7 @@ pub fn paginate(
 mod tests {
     use super::*;
     use crate::query::Source;
-    use feedgraph_model::{BoardId, PinId, UserId};
+    use feedgraph_model::{BoardId, UserId};
     use proptest::prelude::*;
 
     fn cand(pin: u64, owner: u64, board: u64, score: f64, source: Source) -> Candidate {
@@ -109,10 +123,8 @@ mod tests {
             owner: UserId::new(owner).unwrap(),
             board: BoardId::new(board).unwrap(),
             created_at_ms: pin as i64,
-            ordinal: pin as u32,
             score,
             source,
-            features: [0.0; 6],
         }
     }
 
@@ -124,6 +136,14 @@ mod tests {
         assert_eq!(m.iter().map(|c| c.pin.get()).collect::<Vec<_>>(), [1, 3, 2]);
         let m = merge(vec![a, b], 2);
         assert_eq!(m.iter().map(|c| c.pin.get()).collect::<Vec<_>>(), [1, 3]);
+        // Of a duplicated pin, the better-scored copy is kept, wherever it comes.
+        let low = vec![cand(5, 1, 1, 0.1, Source::FollowedUser), cand(6, 1, 1, 0.5, Source::FollowedUser)];
+        let high = vec![cand(5, 1, 1, 0.9, Source::FollowedBoard)];
+        let m = merge(vec![low, high], 10);
+        assert_eq!(
+            m.iter().map(|c| (c.pin.get(), c.source)).collect::<Vec<_>>(),
+            [(5, Source::FollowedBoard), (6, Source::FollowedUser)]
+        );
     }
 
     #[test]
