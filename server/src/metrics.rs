@@ -54,6 +54,18 @@ impl Metrics {
         self.latency.with_label_values(&[method]).observe(started.elapsed().as_secs_f64());
     }
 
+    /// Runs a handler's body, recording its latency and status code under `method`.
+    pub async fn observed<T>(
+        &self,
+        method: &str,
+        body: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<tonic::Response<T>, tonic::Status> {
+        let started = Instant::now();
+        let result = body.await;
+        self.observe(method, started, &result);
+        result.map(tonic::Response::new)
+    }
+
     pub fn observe_feed(&self, page: &FeedPage) {
         if page.stats.partial {
             self.feed_partial.inc();

@@ -63,123 +63,119 @@ pub struct GraphApi {
 #[tonic::async_trait]
 impl pb::graph_service_server::GraphService for GraphApi {
     async fn write(&self, request: Request<pb::WriteRequest>) -> Result<Response<pb::WriteResponse>, Status> {
-        let started = Instant::now();
         let req = request.into_inner();
         let span = tracing::debug_span!("write", request_id = %request_id(&req.request_id), mutations = req.mutations.len());
-        let result = async {
-            if req.mutations.len() > MAX_MUTATIONS_PER_WRITE {
-                return Err(Status::resource_exhausted(format!(
-                    "mutations: {} in one request, at most {MAX_MUTATIONS_PER_WRITE}",
-                    req.mutations.len()
-                )));
-            }
-            let w = feedgraph_proto::WriteRequest::try_from(req).map_err(field_status)?;
-            let out = self.broker.write(w.mutations, w.ack).await.map_err(status)?;
-            Ok(pb::WriteResponse {
-                applied: out.applied as u32,
-                commits: out
-                    .commits
-                    .into_iter()
-                    .map(|(shard, sequence)| pb::ShardCommit { shard, sequence, epoch: 0 })
-                    .collect(),
-            })
-        }
-        .instrument(span)
-        .await;
-        self.metrics.observe("Write", started, &result);
-        result.map(Response::new)
+        self.metrics
+            .observed(
+                "Write",
+                async {
+                    if req.mutations.len() > MAX_MUTATIONS_PER_WRITE {
+                        return Err(Status::resource_exhausted(format!(
+                            "mutations: {} in one request, at most {MAX_MUTATIONS_PER_WRITE}",
+                            req.mutations.len()
+                        )));
+                    }
+                    let w = feedgraph_proto::WriteRequest::try_from(req).map_err(field_status)?;
+                    let out = self.broker.write(w.mutations, w.ack).await.map_err(status)?;
+                    Ok(pb::WriteResponse {
+                        applied: out.applied as u32,
+                        commits: out
+                            .commits
+                            .into_iter()
+                            .map(|(shard, sequence)| pb::ShardCommit { shard, sequence, epoch: 0 })
+                            .collect(),
+                    })
+                }
+                .instrument(span),
+            )
+            .await
     }
 
     async fn upsert_signals(
         &self,
         request: Request<tonic::Streaming<pb::UpsertSignalsRequest>>,
     ) -> Result<Response<pb::UpsertSignalsResponse>, Status> {
-        let started = Instant::now();
         let mut stream = request.into_inner();
-        let result = async {
-            let (mut applied, mut unknown_pins) = (0u64, 0u64);
-            while let Some(msg) = stream.message().await? {
-                let mutations = msg
-                    .updates
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, u)| {
-                        <(model::PinRef, model::SignalsUpdate)>::try_from(u)
-                            .map(|(pin, update)| model::Mutation::UpdateSignals { pin, update })
-                            .map_err(|e| field_status(e.within(&format!("updates[{i}]"))))
-                    })
-                    .collect::<Result<Vec<_>, Status>>()?;
-                if mutations.len() > MAX_MUTATIONS_PER_WRITE {
-                    return Err(Status::resource_exhausted(format!(
-                        "updates: at most {MAX_MUTATIONS_PER_WRITE} per message"
-                    )));
+        self.metrics
+            .observed("UpsertSignals", async {
+                let (mut applied, mut unknown_pins) = (0u64, 0u64);
+                while let Some(msg) = stream.message().await? {
+                    let mutations = msg
+                        .updates
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, u)| {
+                            <(model::PinRef, model::SignalsUpdate)>::try_from(u)
+                                .map(|(pin, update)| model::Mutation::UpdateSignals { pin, update })
+                                .map_err(|e| field_status(e.within(&format!("updates[{i}]"))))
+                        })
+                        .collect::<Result<Vec<_>, Status>>()?;
+                    if mutations.len() > MAX_MUTATIONS_PER_WRITE {
+                        return Err(Status::resource_exhausted(format!(
+                            "updates: at most {MAX_MUTATIONS_PER_WRITE} per message"
+                        )));
+                    }
+                    let out = self.broker.write(mutations, model::Ack::Async).await.map_err(status)?;
+                    applied += (out.applied - out.unknown_pins) as u64;
+                    unknown_pins += out.unknown_pins as u64;
                 }
-                let out = self.broker.write(mutations, model::Ack::Async).await.map_err(status)?;
-                applied += (out.applied - out.unknown_pins) as u64;
-                unknown_pins += out.unknown_pins as u64;
-            }
-            Ok(pb::UpsertSignalsResponse { applied, unknown_pins })
-        }
-        .await;
-        self.metrics.observe("UpsertSignals", started, &result);
-        result.map(Response::new)
+                Ok(pb::UpsertSignalsResponse { applied, unknown_pins })
+            })
+            .await
     }
 
     async fn get_pin(
         &self,
         request: Request<pb::GetPinRequest>,
     ) -> Result<Response<pb::GetPinResponse>, Status> {
-        let started = Instant::now();
-        let result = async {
-            let pin = request.into_inner().pin.ok_or_else(|| Status::invalid_argument("pin: is required"))?;
-            let pin = model::PinRef::try_from(pin).map_err(|e| field_status(e.within("pin")))?;
-            let found = self.broker.pin(pin).await.map_err(status)?;
-            Ok(match found {
-                Some(r) => pb::GetPinResponse {
-                    found: true,
-                    pin: Some(pb::Pin {
-                        pin_id: r.id.get(),
-                        owner_id: r.owner.get(),
-                        board_id: r.board.get(),
-                        created_at_ms: r.created_at_ms,
-                        topic_ids: r.topics.iter().map(|t| t.get()).collect(),
-                        signals: Some(r.signals.into()),
-                        deleted: r.deleted,
-                        spam: r.spam,
-                        r#unsafe: r.is_unsafe,
-                    }),
-                },
-                None => pb::GetPinResponse { found: false, pin: None },
+        self.metrics
+            .observed("GetPin", async {
+                let pin =
+                    request.into_inner().pin.ok_or_else(|| Status::invalid_argument("pin: is required"))?;
+                let pin = model::PinRef::try_from(pin).map_err(|e| field_status(e.within("pin")))?;
+                let found = self.broker.pin(pin).await.map_err(status)?;
+                Ok(match found {
+                    Some(r) => pb::GetPinResponse {
+                        found: true,
+                        pin: Some(pb::Pin {
+                            pin_id: r.id.get(),
+                            owner_id: r.owner.get(),
+                            board_id: r.board.get(),
+                            created_at_ms: r.created_at_ms,
+                            topic_ids: r.topics.iter().map(|t| t.get()).collect(),
+                            signals: Some(r.signals.into()),
+                            deleted: r.deleted,
+                            spam: r.spam,
+                            r#unsafe: r.is_unsafe,
+                        }),
+                    },
+                    None => pb::GetPinResponse { found: false, pin: None },
+                })
             })
-        }
-        .await;
-        self.metrics.observe("GetPin", started, &result);
-        result.map(Response::new)
+            .await
     }
 
     async fn get_follows(
         &self,
         request: Request<pb::GetFollowsRequest>,
     ) -> Result<Response<pb::GetFollowsResponse>, Status> {
-        let started = Instant::now();
-        let result = async {
-            let user = model::UserId::new(request.into_inner().user_id)
-                .ok_or_else(|| Status::invalid_argument("user_id: must be a non-zero user id"))?;
-            let f = self.broker.follows_of(user).await.map_err(status)?;
-            Ok(pb::GetFollowsResponse {
-                user_ids: f.users.iter().map(|u| u.get()).collect(),
-                boards: f
-                    .boards
-                    .iter()
-                    .map(|(b, o)| pb::BoardRef { board_id: b.get(), owner_id: o.get() })
-                    .collect(),
-                topic_ids: f.topics.iter().map(|t| t.get()).collect(),
-                blocked_user_ids: f.blocked.iter().map(|u| u.get()).collect(),
+        self.metrics
+            .observed("GetFollows", async {
+                let user = model::UserId::new(request.into_inner().user_id)
+                    .ok_or_else(|| Status::invalid_argument("user_id: must be a non-zero user id"))?;
+                let f = self.broker.follows_of(user).await.map_err(status)?;
+                Ok(pb::GetFollowsResponse {
+                    user_ids: f.users.iter().map(|u| u.get()).collect(),
+                    boards: f
+                        .boards
+                        .iter()
+                        .map(|(b, o)| pb::BoardRef { board_id: b.get(), owner_id: o.get() })
+                        .collect(),
+                    topic_ids: f.topics.iter().map(|t| t.get()).collect(),
+                    blocked_user_ids: f.blocked.iter().map(|u| u.get()).collect(),
+                })
             })
-        }
-        .await;
-        self.metrics.observe("GetFollows", started, &result);
-        result.map(Response::new)
+            .await
     }
 }
 
