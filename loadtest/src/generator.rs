@@ -161,12 +161,57 @@ pub fn generate(spec: &GraphSpec) -> Graph {
     Graph { users, boards, pins, follows }
 }
 
+/// Names of the request features a frontend sends about its viewer (see
+/// [`user_context`]), in a fixed order.
+pub const USER_CONTEXT_FEATURES: [&str; 11] = [
+    "user.sessions_7d",
+    "user.tenure_days",
+    "user.mobile",
+    "user.saves_30d",
+    "user.clicks_30d",
+    "user.hour",
+    "user.weekday",
+    "user.notifications",
+    "user.country_us",
+    "user.age_bucket",
+    "user.followers",
+];
+
+/// Synthetic viewer context for `user` (what a frontend would send as `user.*` request
+/// features): reproducible from the user id and `seed`, heavy-tailed activity.
+pub fn user_context(user: UserId, seed: u64) -> Vec<(&'static str, f64)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ user.get().wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let activity = (1.5 + standard_normal(&mut rng)).exp();
+    let values = [
+        activity.round(),
+        rng.random_range(1..3_000) as f64,
+        f64::from(u8::from(rng.random::<f64>() < 0.7)),
+        (activity * rng.random_range(0.5..4.0)).round(),
+        (activity * rng.random_range(1.0..8.0)).round(),
+        rng.random_range(0..24) as f64,
+        rng.random_range(0..7) as f64,
+        f64::from(u8::from(rng.random::<f64>() < 0.5)),
+        f64::from(u8::from(rng.random::<f64>() < 0.4)),
+        rng.random_range(0..6) as f64,
+        (rng.random::<f64>() * 9.0).exp().round(),
+    ];
+    USER_CONTEXT_FEATURES.into_iter().zip(values).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn small() -> GraphSpec {
         GraphSpec { users: 2_000, boards: 5_000, pins: 50_000, ..GraphSpec::demo(1_800_000_000_000) }
+    }
+
+    #[test]
+    fn user_context_is_reproducible() {
+        let u = UserId::new(7).unwrap();
+        assert_eq!(user_context(u, 1), user_context(u, 1));
+        assert_ne!(user_context(u, 1), user_context(UserId::new(8).unwrap(), 1));
+        assert!(user_context(u, 1).iter().all(|(_, v)| v.is_finite() && *v >= 0.0));
     }
 
     #[test]

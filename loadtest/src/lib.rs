@@ -7,4 +7,4 @@
 
 pub mod generator;
 
-pub use generator::{Graph, GraphSpec, generate};
+pub use generator::{Graph, GraphSpec, USER_CONTEXT_FEATURES, generate, user_context};

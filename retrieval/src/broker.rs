@@ -1,6 +1,7 @@
 //! The broker: routes writes to shards, and builds feeds — follows of the user (cached)
 //! → grouped by owner shard → scatter with a deadline → gather → merge → blend (home) →
-//! diversified pages → opaque cursor.
+//! ML re-ranking of the head (deadline; light-score fallback) → diversified pages →
+//! opaque cursor.
 //!
 //! Pagination serves slices of one ranking: the first page computes the whole ranked
 //! list (up to `max_ranked` items) and caches it; later pages read the cache, or
@@ -14,11 +15,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use feedgraph_graph_store::{Follows, Shard, WriteOutcome};
 use feedgraph_model::{Ack, BoardId, FeedRequest, FollowTarget, Mutation, PinRef, TopicId, UserId, shard_of};
-use feedgraph_scoring::Expr;
+use feedgraph_scoring::{Expr, ScoreBatch, Scorer};
 use moka::sync::Cache;
 
 use crate::cursor::{CursorCodec, CursorState, FeedKind};
 use crate::query::{self, Candidate, CandidateQuery, ShardAnswer};
+use crate::features;
 use crate::rank;
 use crate::{Error, Result};
 
@@ -55,6 +57,19 @@ pub struct BrokerConfig {
     pub default_ranking: String,
     /// Fault injection for tests and drills: extra latency per shard.
     pub shard_delays: HashMap<u32, Duration>,
+    /// Re-rank the head of every ranking with this ML model (none: light scores only).
+    pub model: Option<ModelRanking>,
+}
+
+/// How the broker uses the ML scorer.
+#[derive(Clone, Debug)]
+pub struct ModelRanking {
+    /// The model's name in the scorer's registry.
+    pub name: String,
+    /// How many of the best light-scored candidates the model re-ranks.
+    pub candidates: usize,
+    /// How long the broker waits for the scorer before falling back to light scores.
+    pub deadline: Duration,
 }
 
 /// One page of a feed.
@@ -74,6 +89,8 @@ pub struct FeedStats {
     /// Some shard did not answer in time (or failed): built from the others.
     pub partial: bool,
     pub scoring: Scoring,
+    /// `name@version` of the model that ranked the page, when `scoring` is `Model`.
+    pub model: Option<String>,
     /// The page came from a cached ranking (no shard was asked for it).
     pub from_cache: bool,
 }
@@ -81,9 +98,34 @@ pub struct FeedStats {
 /// Which scorer ranked a page.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Scoring {
-    /// Light-score expression only.
+    /// Light-score expression only (no model configured).
     #[default]
     Light,
+    /// The ML model re-ranked the head of the list.
+    Model,
+    /// A model is configured but could not score: light scores, and why.
+    LightFallback(FallbackReason),
+}
+
+/// Why the ML scorer was not used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FallbackReason {
+    /// No answer within the deadline.
+    Deadline,
+    /// Not reachable, not configured, or failed.
+    Unavailable,
+    /// It refused the request (unknown model, feature mismatch, batch too large).
+    Refused,
+}
+
+impl FallbackReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::Deadline => "deadline",
+            FallbackReason::Unavailable => "unavailable",
+            FallbackReason::Refused => "refused",
+        }
+    }
 }
 
 /// What a write did.
@@ -106,6 +148,7 @@ pub struct Broker {
     cfg: BrokerConfig,
     rankings: Cache<u64, Arc<Ranking>>,
     cursors: CursorCodec,
+    scorer: Option<Arc<dyn Scorer>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -140,7 +183,13 @@ impl Broker {
         }
         let rankings =
             Cache::builder().max_capacity(cfg.ranking_cache_entries).time_to_live(cfg.ranking_ttl).build();
-        Ok(Self { shards: Arc::new(shards), cfg, rankings, cursors: CursorCodec::new(cursor_key) })
+        Ok(Self { shards: Arc::new(shards), cfg, rankings, cursors: CursorCodec::new(cursor_key), scorer: None })
+    }
+
+    /// Sets the ML scorer that `BrokerConfig::model` names a model of.
+    pub fn with_scorer(mut self, scorer: Arc<dyn Scorer>) -> Self {
+        self.scorer = Some(scorer);
+        self
     }
 
     pub fn shard_count(&self) -> u32 {
@@ -398,6 +447,104 @@ impl Broker {
         watermarks: Vec<u32>,
         page_size: usize,
     ) -> Result<Arc<Ranking>> {
+        let gathered = self.gather(kind, req, expr, now_ms, watermarks).await?;
+        let (list, stats) = self.rerank(kind, req, gathered, now_ms).await;
+        let pages = rank::paginate(list, page_size, self.cfg.max_per_owner, self.cfg.max_per_board);
+        Ok(Arc::new(Ranking { pages, stats }))
+    }
+
+    /// The scorer request the broker would send for the user's feed now, whatever the
+    /// configured model (its `model` field is the configured one, or empty): what
+    /// `feedgraph export-features` writes for training.
+    pub async fn model_inputs(&self, kind: FeedKind, req: &FeedRequest) -> Result<ScoreBatch> {
+        let expr = self.cfg.rankings.get(&self.cfg.default_ranking).cloned().ok_or_else(|| {
+            Error::FailedPrecondition(format!("default ranking `{}` is not defined", self.cfg.default_ranking))
+        })?;
+        let now = now_ms();
+        let watermarks: Vec<u32> = self.shards.iter().map(|s| s.next_ordinal()).collect();
+        let g = self.gather(kind, req, expr, now, watermarks).await?;
+        let take = self.cfg.model.as_ref().map_or(self.cfg.max_ranked, |m| m.candidates).min(g.list.len());
+        let model = self.cfg.model.as_ref().map_or("", |m| m.name.as_str());
+        Ok(features::score_batch(model, &g.list[..take], req, &g.follows, kind, now))
+    }
+
+    /// Re-ranks the head of the list with the ML model, if one is configured; on any
+    /// failure the light-score order stands and the stats say why.
+    async fn rerank(&self, kind: FeedKind, req: &FeedRequest, g: Gathered, now_ms: i64) -> (Vec<Candidate>, FeedStats) {
+        let Gathered { mut list, follows, mut stats } = g;
+        let Some(model) = &self.cfg.model else { return (list, stats) };
+        let take = model.candidates.min(list.len());
+        if take == 0 {
+            stats.scoring = Scoring::Model;
+            return (list, stats);
+        }
+        let Some(scorer) = &self.scorer else {
+            stats.scoring = Scoring::LightFallback(FallbackReason::Unavailable);
+            return (list, stats);
+        };
+        let batch = features::score_batch(&model.name, &list[..take], req, &follows, kind, now_ms);
+        let scored = match tokio::time::timeout(model.deadline, scorer.score(batch)).await {
+            Err(_) => Err(FallbackReason::Deadline),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "scorer failed; light-score fallback");
+                Err(match e {
+                    feedgraph_scoring::Error::DeadlineExceeded(_) => FallbackReason::Deadline,
+                    feedgraph_scoring::Error::Unavailable(_) | feedgraph_scoring::Error::Internal(_) => {
+                        FallbackReason::Unavailable
+                    }
+                    _ => FallbackReason::Refused,
+                })
+            }
+            Ok(Ok(s)) if s.scores.len() != take => {
+                tracing::warn!(got = s.scores.len(), sent = take, "scorer answered the wrong number of scores");
+                Err(FallbackReason::Refused)
+            }
+            Ok(Ok(s)) => Ok(s),
+        };
+        let scores = match scored {
+            Ok(s) => s,
+            Err(reason) => {
+                stats.scoring = Scoring::LightFallback(reason);
+                return (list, stats);
+            }
+        };
+        let tail = list.split_off(take);
+        for (c, score) in list.iter_mut().zip(&scores.scores) {
+            // A NaN score sorts last rather than poisoning the order.
+            c.score = if score.is_nan() { f64::NEG_INFINITY } else { f64::from(*score) };
+        }
+        let by_model = |v: &mut Vec<Candidate>| v.sort_by(|a, b| b.score.total_cmp(&a.score));
+        let mut head = match kind {
+            FeedKind::Following => {
+                by_model(&mut list);
+                list
+            }
+            // The blend's share of interest positions stands: re-rank each side, then
+            // blend them again.
+            FeedKind::Home => {
+                let (mut following, mut interest): (Vec<_>, Vec<_>) =
+                    list.into_iter().partition(|c| c.source.is_following());
+                by_model(&mut following);
+                by_model(&mut interest);
+                rank::blend(following, interest, self.cfg.home_interest_share, take)
+            }
+        };
+        head.extend(tail);
+        stats.scoring = Scoring::Model;
+        stats.model = Some(format!("{}@{}", scores.model, scores.version));
+        (head, stats)
+    }
+
+    /// Candidates from every shard the user's follows and interests live on, merged
+    /// (and blended, for home) by light score.
+    async fn gather(
+        &self,
+        kind: FeedKind,
+        req: &FeedRequest,
+        expr: Arc<Expr>,
+        now_ms: i64,
+        watermarks: Vec<u32>,
+    ) -> Result<Gathered> {
         let user = req.user;
         let follows = self.follows_of(user).await?;
         let n = self.shards.len();
@@ -513,17 +660,24 @@ impl Broker {
                 rank::blend(following, rank::merge(interest, limit), self.cfg.home_interest_share, limit)
             }
         };
-        let pages = rank::paginate(list, page_size, self.cfg.max_per_owner, self.cfg.max_per_board);
         let stats = FeedStats {
             candidates_scanned: scanned,
             shards_asked: asked,
             shards_answered: answered,
             partial: answered < asked,
             scoring: Scoring::Light,
+            model: None,
             from_cache: false,
         };
-        Ok(Arc::new(Ranking { pages, stats }))
+        Ok(Gathered { list, follows, stats })
     }
+}
+
+/// A light-ranked list and what made it.
+struct Gathered {
+    list: Vec<Candidate>,
+    follows: Arc<Follows>,
+    stats: FeedStats,
 }
 
 #[allow(dead_code)]

@@ -4,20 +4,23 @@
 //! boards' / topics' bitmaps → AND-NOT filters and seen pins → newest-first scan with a
 //! work bound → drop blocked owners → light score → top-K per group);
 //! the broker ([`broker`]: write routing, follows cache, scatter with deadlines, gather,
-//! merge, home-feed blending, diversity caps, rankings cached for pagination); the pure
-//! ranking steps ([`rank`]); and authenticated cursors ([`cursor`]).
+//! merge, ML re-ranking of the head with a deadline and a light-score fallback,
+//! home-feed blending, diversity caps, rankings cached for pagination); the features
+//! sent to the ML scorer ([`features`]); the pure ranking steps ([`rank`]); and
+//! authenticated cursors ([`cursor`]).
 //!
 //! Invariants: speaks `feedgraph-model` types only (prost stops in `proto` and
 //! `server`); never blocks the async executor — every RocksDB call runs on the blocking
 //! pool; a shard that misses its deadline makes a page partial and flagged, never an
-//! error; pages of one ranking concatenate to one list without duplicates.
+//! error; so does a scorer that fails or misses its deadline (light-score fallback); pages of one ranking concatenate to one list without duplicates.
 
 pub mod broker;
 pub mod cursor;
+pub mod features;
 pub mod query;
 pub mod rank;
 
-pub use broker::{Broker, BrokerConfig, FeedPage, FeedStats, Scoring, WriteResult};
+pub use broker::{Broker, BrokerConfig, FallbackReason, FeedPage, FeedStats, ModelRanking, Scoring, WriteResult};
 pub use cursor::FeedKind;
 pub use query::{Candidate, Source};
 

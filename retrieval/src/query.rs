@@ -8,7 +8,7 @@ use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
 
 use feedgraph_graph_store::{HotAttrs, Shard};
-use feedgraph_model::{BoardId, PinId, TopicId, UserId};
+use feedgraph_model::{BoardId, PinId, PinSignals, TopicId, UserId};
 use feedgraph_scoring::Expr;
 use roaring::{MultiOps, RoaringBitmap};
 
@@ -60,8 +60,11 @@ pub struct Candidate {
     pub owner: UserId,
     pub board: BoardId,
     pub created_at_ms: i64,
+    /// The light score; after ML scoring, the model's score.
     pub score: f64,
     pub source: Source,
+    /// The signals it was scored with (features for the ML scorer).
+    pub signals: PinSignals,
 }
 
 /// What a shard answers.
@@ -179,6 +182,7 @@ pub fn run(shard: &Shard, q: &CandidateQuery) -> Result<ShardAnswer, feedgraph_g
                     created_at_ms: a.created_at_ms,
                     score,
                     source,
+                    signals: a.signals,
                 })
             })
             .collect()

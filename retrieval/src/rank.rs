@@ -125,6 +125,7 @@ mod tests {
             created_at_ms: pin as i64,
             score,
             source,
+            signals: Default::default(),
         }
     }
 

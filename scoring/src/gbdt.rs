@@ -6,6 +6,13 @@
 //! one tree at a time over every row, so the tree's nodes stay in L1 while the rows
 //! stream past, rather than every tree being fetched again for each row.
 //!
+//! When no split uses the "zero" missing type (LightGBM's default for data without
+//! missing values), a second, branch-free layout is used: leaves become nodes that point
+//! to themselves, so every row descends exactly the tree's depth, and 16 rows descend
+//! together with `children[(value > threshold) as usize]`. A data-dependent branch per
+//! level mispredicts about half the time; this has none, and the 16 independent loads
+//! overlap (measured 3.5 ms → see README for 1,000 rows × 80 trees).
+//!
 //! Semantics follow LightGBM's `NumericalDecision` exactly (`value <= threshold` goes
 //! left; the "zero" missing type sends |value| ≤ 1e-35 the default way), in `f64`, so
 //! scores match `Booster.predict` on the same (float64) input. Categorical splits and
@@ -32,9 +39,28 @@ pub enum Output {
     Sigmoid(f64),
 }
 
+/// A node of the branch-free layout; a leaf points to itself (threshold +inf).
+#[derive(Clone, Copy, Debug)]
+struct FlatNode {
+    threshold: f64,
+    feature: u32,
+    children: [u32; 2],
+}
+
+/// The branch-free layout: per tree its root and depth.
+#[derive(Clone, Debug, Default)]
+struct Flat {
+    nodes: Vec<FlatNode>,
+    /// The leaf value of each node (0 for internal nodes).
+    values: Vec<f64>,
+    trees: Vec<(u32, u32)>,
+}
+
 /// A parsed, validated tree ensemble.
 #[derive(Clone, Debug)]
 pub struct Ensemble {
+    /// Present when no split needs missing-value handling.
+    flat: Option<Flat>,
     nodes: Vec<Node>,
     leaves: Vec<f64>,
     /// Per tree: the root (a node index, or a leaf when the tree has a single leaf).
@@ -73,6 +99,7 @@ impl Ensemble {
         let mut num_class = 1usize;
         let mut feature_names = Vec::new();
         let mut ensemble = Ensemble {
+            flat: None,
             nodes: Vec::new(),
             leaves: Vec::new(),
             roots: Vec::new(),
@@ -147,6 +174,7 @@ impl Ensemble {
             return Err("model has no trees".into());
         }
         ensemble.features = features;
+        ensemble.flat = ensemble.flatten();
         ensemble.feature_names = feature_names;
         ensemble.output = output;
         ensemble.average = average;
@@ -234,6 +262,39 @@ impl Ensemble {
         Ok(())
     }
 
+    /// The branch-free layout, unless some split treats zero as missing.
+    fn flatten(&self) -> Option<Flat> {
+        if self.nodes.iter().any(|n| n.zero_missing) {
+            return None;
+        }
+        let mut flat = Flat::default();
+        for &root in &self.roots {
+            let base = flat.nodes.len() as u32;
+            // Depth-first copy; children are placed after their parent.
+            let mut depth = 0u32;
+            let mut stack = vec![(root, 0u32, None::<(usize, usize)>)];
+            while let Some((at, level, parent)) = stack.pop() {
+                let me = flat.nodes.len() as u32;
+                if let Some((p, side)) = parent {
+                    flat.nodes[p].children[side] = me;
+                }
+                if at >= 0 {
+                    let n = &self.nodes[at as usize];
+                    flat.nodes.push(FlatNode { threshold: n.threshold, feature: n.feature, children: [me, me] });
+                    flat.values.push(0.0);
+                    stack.push((n.right, level + 1, Some((me as usize, 1))));
+                    stack.push((n.left, level + 1, Some((me as usize, 0))));
+                } else {
+                    depth = depth.max(level);
+                    flat.nodes.push(FlatNode { threshold: f64::INFINITY, feature: 0, children: [me, me] });
+                    flat.values.push(self.leaves[!at as usize]);
+                }
+            }
+            flat.trees.push((base, depth));
+        }
+        Some(flat)
+    }
+
     /// Input width.
     pub fn features(&self) -> usize {
         self.features
@@ -253,6 +314,43 @@ impl Ensemble {
         let width = self.features;
         let n = rows.len().checked_div(width).unwrap_or(0);
         let mut sums = vec![0.0f64; n];
+        match &self.flat {
+            Some(flat) => Self::sum_flat(flat, rows, width, &mut sums),
+            None => self.sum_branching(rows, width, &mut sums),
+        }
+        let trees = self.roots.len() as f64;
+        for s in &mut sums {
+            if self.average {
+                *s /= trees;
+            }
+            if let Output::Sigmoid(k) = self.output {
+                *s = 1.0 / (1.0 + (-k * *s).exp());
+            }
+        }
+        sums
+    }
+
+    fn sum_flat(flat: &Flat, rows: &[f64], width: usize, sums: &mut [f64]) {
+        const GROUP: usize = 16;
+        for &(root, depth) in &flat.trees {
+            for (group, out) in rows.chunks(width * GROUP).zip(sums.chunks_mut(GROUP)) {
+                let mut at = [root; GROUP];
+                for _ in 0..depth {
+                    for (k, row) in group.chunks_exact(width).enumerate() {
+                        let node = &flat.nodes[at[k] as usize];
+                        // Finite inputs only (checked at the API), so `>` is LightGBM's
+                        // "not <=" and +inf leaves stay put.
+                        at[k] = node.children[usize::from(row[node.feature as usize] > node.threshold)];
+                    }
+                }
+                for (s, a) in out.iter_mut().zip(at) {
+                    *s += flat.values[a as usize];
+                }
+            }
+        }
+    }
+
+    fn sum_branching(&self, rows: &[f64], width: usize, sums: &mut [f64]) {
         for &root in &self.roots {
             for (sum, row) in sums.iter_mut().zip(rows.chunks_exact(width)) {
                 let mut at = root;
@@ -270,16 +368,6 @@ impl Ensemble {
                 *sum += self.leaves[!at as usize];
             }
         }
-        let trees = self.roots.len() as f64;
-        for s in &mut sums {
-            if self.average {
-                *s /= trees;
-            }
-            if let Output::Sigmoid(k) = self.output {
-                *s = 1.0 / (1.0 + (-k * *s).exp());
-            }
-        }
-        sums
     }
 }
 
@@ -356,6 +444,23 @@ end of trees
         for (a, b) in p.iter().zip(want) {
             assert!((a - b).abs() < 1e-12, "{p:?} vs {want:?}");
         }
+    }
+
+    #[test]
+    fn both_layouts_agree() {
+        let mut m = Ensemble::parse(MODEL, "t").unwrap();
+        assert!(m.flat.is_some());
+        let rows: Vec<f64> = (0..200).map(|i| (i as f64 * 0.37).fract()).collect();
+        let fast = m.predict(&rows);
+        m.flat = None;
+        assert_eq!(fast, m.predict(&rows));
+        // A "zero as missing" split needs the branching layout, and honours it.
+        let zero = MODEL.replacen("decision_type=2 2", "decision_type=6 2", 1);
+        let z = Ensemble::parse(&zero, "t").unwrap();
+        assert!(z.flat.is_none());
+        // a = 0 is missing, default left → node 1; b = 0.9 → leaf 2 (0.3).
+        let p = z.predict(&[0.0, 0.9]);
+        assert!((p[0] - sigmoid(0.3 - 0.05)).abs() < 1e-12);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use feedgraph_retrieval::BrokerConfig;
+use feedgraph_retrieval::{BrokerConfig, ModelRanking};
 use feedgraph_scoring::Expr;
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +29,119 @@ pub struct Config {
     /// Named light-score expressions; requests choose one by name.
     pub rankings: BTreeMap<String, String>,
     pub store: StoreConfig,
+    pub scorer: ScorerConfig,
     pub debug: DebugConfig,
+}
+
+/// The ML scorer: where it runs and how the broker uses it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScorerConfig {
+    /// Serve this model directory in-process (the `ScorerService` is also offered on
+    /// this node's gRPC port). Layout: `<dir>/<model>/<version>/`.
+    pub model_dir: Option<PathBuf>,
+    /// Or use a standalone `feedgraph scorer` at this URL (`http://host:port`).
+    pub endpoint: Option<String>,
+    /// Model the broker re-ranks feeds with; empty for light scores only.
+    pub model: String,
+    /// How many of the best light-scored candidates the model re-ranks.
+    pub candidates: usize,
+    /// How long the broker waits for scores before falling back to light scores, in
+    /// milliseconds.
+    pub deadline_ms: u64,
+    /// Most items the in-process scorer accepts in one batch.
+    pub max_batch: usize,
+    /// How often the model directory is rescanned for new versions, in milliseconds.
+    pub reload_interval_ms: u64,
+}
+
+impl Default for ScorerConfig {
+    fn default() -> Self {
+        Self {
+            model_dir: None,
+            endpoint: None,
+            model: String::new(),
+            candidates: 500,
+            deadline_ms: 20,
+            max_batch: 2000,
+            reload_interval_ms: 1000,
+        }
+    }
+}
+
+impl ScorerConfig {
+    /// Checks the fields; `prefix` names the section in errors.
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        let field = |f: &str| format!("{prefix}{f}");
+        if self.model_dir.is_some() && self.endpoint.is_some() {
+            return Err(invalid(&field("endpoint"), "set either model_dir or endpoint, not both"));
+        }
+        if !self.model.is_empty() && self.model_dir.is_none() && self.endpoint.is_none() {
+            return Err(invalid(&field("model"), "needs model_dir or endpoint"));
+        }
+        if let Some(e) = &self.endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(invalid(&field("endpoint"), "must be an http:// or https:// URL"));
+        }
+        if self.max_batch == 0 || self.candidates == 0 || self.candidates > self.max_batch {
+            return Err(invalid(&field("candidates"), "must be in 1..=max_batch"));
+        }
+        if self.deadline_ms == 0 || self.reload_interval_ms == 0 {
+            return Err(invalid(&field("deadline_ms"), "deadline_ms and reload_interval_ms must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// The whole configuration of a standalone `feedgraph scorer` process.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScorerServerConfig {
+    /// gRPC listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address (port 0 picks a free port).
+    pub metrics_listen: SocketAddr,
+    /// The model directory (`<dir>/<model>/<version>/`).
+    pub model_dir: PathBuf,
+    /// Most items accepted in one `ScoreBatch`.
+    pub max_batch: usize,
+    /// How often the model directory is rescanned, in milliseconds.
+    pub reload_interval_ms: u64,
+    /// Log filter (`tracing` env-filter syntax).
+    pub log: String,
+}
+
+impl Default for ScorerServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7879)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9879)),
+            model_dir: PathBuf::from("models"),
+            max_batch: 2000,
+            reload_interval_ms: 1000,
+            log: "info".into(),
+        }
+    }
+}
+
+impl ScorerServerConfig {
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), source: Box::new(e) })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_batch == 0 {
+            return Err(invalid("max_batch", "must be at least 1"));
+        }
+        if self.reload_interval_ms == 0 {
+            return Err(invalid("reload_interval_ms", "must be at least 1"));
+        }
+        Ok(())
+    }
 }
 
 /// Feed assembly.
@@ -108,6 +220,7 @@ impl Default for Config {
             feed: FeedConfig::default(),
             rankings,
             store: StoreConfig::default(),
+            scorer: ScorerConfig::default(),
             debug: DebugConfig::default(),
         }
     }
@@ -208,6 +321,12 @@ impl Config {
                 format!("`{}` is not in [rankings]", f.default_ranking),
             ));
         }
+        self.scorer.validate("scorer.")?;
+        let model = (!self.scorer.model.is_empty()).then(|| ModelRanking {
+            name: self.scorer.model.clone(),
+            candidates: self.scorer.candidates,
+            deadline: Duration::from_millis(self.scorer.deadline_ms),
+        });
         let mut shard_delays = std::collections::HashMap::new();
         for (shard, ms) in &self.debug.shard_delays_ms {
             let s: u32 = shard.parse().ok().filter(|s| *s < self.shards).ok_or_else(|| {
@@ -231,6 +350,7 @@ impl Config {
             rankings,
             default_ranking: f.default_ranking.clone(),
             shard_delays,
+            model,
         })
     }
 
@@ -286,6 +406,15 @@ mod tests {
         assert!(toml::from_str::<Config>("shardz = 3").is_err(), "unknown fields are refused");
         let mut c = Config::default();
         c.debug.shard_delays_ms.insert("99".into(), 5);
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.scorer.model = "m".into();
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field, .. }) if field == "scorer.model"));
+        c.scorer.endpoint = Some("127.0.0.1:1".into());
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field, .. }) if field == "scorer.endpoint"));
+        c.scorer.endpoint = Some("http://127.0.0.1:1".into());
+        c.validate().unwrap();
+        c.scorer.candidates = 5000;
         assert!(c.validate().is_err());
     }
 }

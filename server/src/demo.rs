@@ -12,6 +12,39 @@ use feedgraph_model::{FollowTarget, UserId, shard_of};
 
 use crate::Error;
 
+/// The model the demo re-ranks feeds with.
+pub const DEMO_MODEL: &str = "engagement_mlp";
+
+/// The trained models in `scoring/models/`, built into the binary so that the demo
+/// works from anywhere: (path inside the model directory, contents).
+const DEMO_MODEL_FILES: [(&str, &[u8]); 4] = [
+    ("engagement_mlp/1/model.onnx", include_bytes!("../../scoring/models/engagement_mlp/1/model.onnx")),
+    ("engagement_mlp/1/schema.toml", include_bytes!("../../scoring/models/engagement_mlp/1/schema.toml")),
+    ("engagement_gbdt/1/model.txt", include_bytes!("../../scoring/models/engagement_gbdt/1/model.txt")),
+    ("engagement_gbdt/1/schema.toml", include_bytes!("../../scoring/models/engagement_gbdt/1/schema.toml")),
+];
+
+/// Writes the bundled models into `dir` unless a version of each is already there
+/// (an operator's newer versions are left alone). Blocking.
+pub fn ensure_models(dir: &Path) -> Result<(), Error> {
+    for (path, bytes) in DEMO_MODEL_FILES {
+        let target = dir.join(path);
+        let model_dir = target.parent().and_then(Path::parent).unwrap_or(dir);
+        if model_dir.exists() && !target.parent().is_some_and(Path::exists) {
+            continue;
+        }
+        if target.exists() {
+            continue;
+        }
+        let io = |what: String| move |source| Error::Io { what, source };
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+        }
+        std::fs::write(&target, bytes).map_err(io(format!("writing {}", target.display())))?;
+    }
+    Ok(())
+}
+
 /// Written into the data directory once the demo graph is loaded.
 const MARKER: &str = "demo-loaded";
 

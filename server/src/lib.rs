@@ -1,10 +1,12 @@
 //! The `feedgraph` service: one process holding local shards, the broker and light
-//! scoring, served over gRPC.
+//! scoring, served over gRPC; and the ML scorer, embedded or standalone
+//! (`feedgraph scorer`).
 //!
 //! Owns: configuration ([`config`]: TOML file → env → CLI, validated at start-up), the
 //! wiring of shards and broker into [`start`] / [`run`], the thin gRPC adapters
 //! ([`service`]: proto ↔ domain, errors ↔ `tonic::Status` in one exhaustive mapping),
-//! gRPC health and reflection, Prometheus metrics ([`metrics`]) and the demo graph
+//! gRPC health and reflection, Prometheus metrics ([`metrics`]), the scorer service,
+//! its client and the model reload loop ([`scorer`]), and the demo graph and models
 //! ([`demo`]). `main.rs` only parses the command line and calls into this crate, so
 //! tests start real nodes in-process through the same [`start`].
 //!
@@ -16,6 +18,7 @@
 pub mod config;
 pub mod demo;
 pub mod metrics;
+pub mod scorer;
 pub mod service;
 
 use std::net::SocketAddr;
@@ -25,10 +28,11 @@ use std::sync::Arc;
 use feedgraph_graph_store::Shard;
 use feedgraph_proto::pb;
 use feedgraph_retrieval::Broker;
+use feedgraph_scoring::LocalScorer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, ScorerConfig, ScorerServerConfig};
 
 /// Why the service could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -51,9 +55,11 @@ pub enum Error {
     Reflection(String),
     #[error("task failed: {0}")]
     Task(String),
+    #[error("scorer: {0}")]
+    Scorer(String),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |source| Error::Io { what, source }
 }
@@ -115,10 +121,10 @@ pub struct Node {
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
     broker: Arc<Broker>,
-    stop: Option<oneshot::Sender<()>>,
-    stop_metrics: Option<oneshot::Sender<()>>,
+    scorer_registry: Option<Arc<feedgraph_scoring::Registry>>,
+    stops: Vec<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
-    metrics_task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Node {
@@ -135,16 +141,20 @@ impl Node {
         &self.broker
     }
 
+    /// The in-process model registry, when this node serves `scorer.model_dir`.
+    pub fn scorer_registry(&self) -> Option<&Arc<feedgraph_scoring::Registry>> {
+        self.scorer_registry.as_ref()
+    }
+
     /// Stops accepting, lets in-flight requests finish, and stops.
     pub async fn shutdown(mut self) -> Result<(), Error> {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(s) = self.stop_metrics.take() {
+        for s in self.stops.drain(..) {
             let _ = s.send(());
         }
         let served = (&mut self.server).await.map_err(|e| Error::Task(e.to_string()))?;
-        let _ = (&mut self.metrics_task).await;
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
         Ok(served?)
     }
 }
@@ -166,17 +176,34 @@ pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node,
     let key = tokio::task::spawn_blocking(move || cursor_key(&dir))
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
-    let broker = Arc::new(Broker::new(shards, broker_config, key)?);
     let metrics = Arc::new(metrics::Metrics::new()?);
-
+    let mut broker = Broker::new(shards, broker_config, key)?;
     let (health, health_service) = tonic_health::server::health_reporter();
+    let sc = &config.scorer;
+    let embedded = match &sc.model_dir {
+        Some(dir) => Some(
+            scorer::embed(
+                dir.clone(),
+                sc.max_batch,
+                std::time::Duration::from_millis(sc.reload_interval_ms),
+                metrics.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    if let Some(e) = &embedded {
+        broker = broker.with_scorer(Arc::new(LocalScorer::new(e.registry.clone(), sc.max_batch)));
+        health
+            .set_serving::<pb::internal::scorer_service_server::ScorerServiceServer<scorer::ScorerApi>>()
+            .await;
+    } else if let Some(endpoint) = &sc.endpoint {
+        broker = broker.with_scorer(Arc::new(scorer::RemoteScorer::new(endpoint)?));
+    }
+    let broker = Arc::new(broker);
     health.set_serving::<pb::v1::graph_service_server::GraphServiceServer<service::GraphApi>>().await;
     health.set_serving::<pb::v1::feed_service_server::FeedServiceServer<service::FeedApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(feedgraph_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Reflection(e.to_string()))?;
+    let reflection = reflection()?;
 
     // tonic ignores the builder's nodelay with a custom incoming: set it here.
     let incoming = tonic::transport::server::TcpIncoming::bind(config.listen)
@@ -191,11 +218,16 @@ pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node,
     let graph = service::GraphApi { broker: broker.clone(), metrics: metrics.clone() };
     let feed = service::FeedApi { broker: broker.clone(), metrics: metrics.clone() };
     let (stop, stopped) = oneshot::channel::<()>();
+    let (scorer_service, scorer_registry, mut stops, mut tasks) = match embedded {
+        Some(e) => (Some(e.service), Some(e.registry), vec![e.stop], vec![e.reloader]),
+        None => (None, None, Vec::new(), Vec::new()),
+    };
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(pb::v1::graph_service_server::GraphServiceServer::new(graph))
-        .add_service(pb::v1::feed_service_server::FeedServiceServer::new(feed));
+        .add_service(pb::v1::feed_service_server::FeedServiceServer::new(feed))
+        .add_optional_service(scorer_service);
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stopped.await;
     }));
@@ -203,16 +235,21 @@ pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node,
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, async {
         let _ = metrics_stopped.await;
     }));
-    tracing::info!(%grpc_addr, %metrics_addr, shards = config.shards, "feedgraph serving");
-    Ok(Node {
-        grpc_addr,
-        metrics_addr,
-        broker,
-        stop: Some(stop),
-        stop_metrics: Some(stop_metrics),
-        server,
-        metrics_task,
-    })
+    tracing::info!(%grpc_addr, %metrics_addr, shards = config.shards, model = %config.scorer.model, "feedgraph serving");
+    stops.extend([stop, stop_metrics]);
+    tasks.push(metrics_task);
+    Ok(Node { grpc_addr, metrics_addr, broker, scorer_registry, stops, server, tasks })
+}
+
+/// gRPC reflection over every service this crate serves.
+pub(crate) fn reflection()
+-> Result<tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>, Error>
+{
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(feedgraph_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Reflection(e.to_string()))
 }
 
 /// Serves until `shutdown` resolves, then stops gracefully.

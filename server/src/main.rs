@@ -25,6 +25,64 @@ enum Command {
     Feed(FeedArgs),
     /// Send a write to a running service.
     Write(WriteArgs),
+    /// Run the standalone ML scorer: serve a model directory over gRPC.
+    Scorer(ScorerArgs),
+    /// Write the features the broker would send the ML scorer, for sampled users of a
+    /// data directory (which no running service may hold), as CSV for training.
+    ExportFeatures(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ScorerArgs {
+    /// TOML configuration file (fields it leaves out keep their defaults).
+    #[arg(long, env = "FEEDGRAPH_SCORER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration, print it, and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// gRPC listen address.
+    #[arg(long, env = "FEEDGRAPH_SCORER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Prometheus metrics listen address.
+    #[arg(long, env = "FEEDGRAPH_SCORER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Model directory (`<dir>/<model>/<version>/`).
+    #[arg(long, env = "FEEDGRAPH_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    /// Most items accepted in one batch.
+    #[arg(long)]
+    max_batch: Option<usize>,
+    /// Log filter.
+    #[arg(long, env = "FEEDGRAPH_LOG")]
+    log: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// TOML configuration file of the service whose data directory is read.
+    #[arg(long, env = "FEEDGRAPH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long, env = "FEEDGRAPH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Load the demo graph first if the data directory does not have it.
+    #[arg(long)]
+    demo: bool,
+    /// How many users to sample, spread evenly over ids `1..=max_user_id`.
+    #[arg(long, default_value_t = 500)]
+    users: u64,
+    /// Highest user id to sample (the demo graph's users are 1..=10000).
+    #[arg(long, default_value_t = 10_000)]
+    max_user_id: u64,
+    /// Rows kept per feed (drawn evenly from its ranked candidates).
+    #[arg(long, default_value_t = 50)]
+    rows_per_feed: usize,
+    /// Seed of the synthetic viewer context (`user.*` request features).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output CSV file.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -53,6 +111,16 @@ struct ServeArgs {
     /// Log filter, e.g. `info` or `feedgraph=debug`.
     #[arg(long, env = "FEEDGRAPH_LOG")]
     log: Option<String>,
+    /// Serve this model directory in-process (the ML scorer).
+    #[arg(long, env = "FEEDGRAPH_MODEL_DIR", conflicts_with = "scorer")]
+    model_dir: Option<PathBuf>,
+    /// Use a standalone scorer at this URL instead (`http://host:port`).
+    #[arg(long, env = "FEEDGRAPH_SCORER")]
+    scorer: Option<String>,
+    /// Model that re-ranks feeds (`none`: light scores only). With --demo:
+    /// engagement_mlp.
+    #[arg(long, env = "FEEDGRAPH_MODEL")]
+    model: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -206,6 +274,8 @@ async fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve(args).await,
         Command::Feed(args) => feed(args).await,
         Command::Write(args) => write(args).await,
+        Command::Scorer(args) => scorer(args).await,
+        Command::ExportFeatures(args) => export_features(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -238,6 +308,24 @@ fn config_of(args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(v) = &args.log {
         config.log = v.clone();
     }
+    if let Some(v) = &args.model_dir {
+        config.scorer.model_dir = Some(v.clone());
+        config.scorer.endpoint = None;
+    }
+    if let Some(v) = &args.scorer {
+        config.scorer.endpoint = Some(v.clone());
+        config.scorer.model_dir = None;
+    }
+    // The demo serves its bundled models unless told otherwise.
+    if args.demo && config.scorer.model_dir.is_none() && config.scorer.endpoint.is_none() {
+        config.scorer.model_dir = Some(config.data_dir.join("models"));
+        if config.scorer.model.is_empty() && args.model.is_none() {
+            config.scorer.model = feedgraph_server::demo::DEMO_MODEL.into();
+        }
+    }
+    if let Some(v) = &args.model {
+        config.scorer.model = if v == "none" { String::new() } else { v.clone() };
+    }
     config.validate()?;
     Ok(config)
 }
@@ -257,6 +345,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = config.clone();
     let demo = args.demo;
     let (shards, info) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        if demo && let Some(dir) = &cfg.scorer.model_dir {
+            feedgraph_server::demo::ensure_models(dir)?;
+        }
         let shards = feedgraph_server::open_shards(&cfg)?;
         let info = if demo {
             let spec = feedgraph_loadtest::GraphSpec::demo(now_ms());
@@ -294,6 +385,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         eprintln!("\nTry (user {u} follows about 300 accounts and boards):");
         eprintln!("  {exe} feed --addr {addr} --user {u}");
         eprintln!("  {exe} feed --addr {addr} --user {u} --home --page-size 10 --ranking fresh");
+        eprintln!("  {exe} feed --addr {addr} --user {u} --feature user.mobile=1 --feature user.sessions_7d=20");
         eprintln!(
             "  grpcurl -plaintext -d '{{\"user_id\": {u}, \"page_size\": 5}}' {addr} feedgraph.v1.FeedService/GetFollowingFeed"
         );
@@ -301,6 +393,130 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     shutdown_signal().await;
     node.shutdown().await?;
+    Ok(())
+}
+
+fn scorer_config_of(args: &ScorerArgs) -> anyhow::Result<feedgraph_server::ScorerServerConfig> {
+    let mut config = match &args.config {
+        Some(path) => feedgraph_server::ScorerServerConfig::from_file(path)?,
+        None => feedgraph_server::ScorerServerConfig::default(),
+    };
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.metrics_listen {
+        config.metrics_listen = v;
+    }
+    if let Some(v) = &args.model_dir {
+        config.model_dir = v.clone();
+    }
+    if let Some(v) = args.max_batch {
+        config.max_batch = v;
+    }
+    if let Some(v) = &args.log {
+        config.log = v.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn scorer(args: ScorerArgs) -> anyhow::Result<()> {
+    let config = scorer_config_of(&args)?;
+    if args.check_config {
+        print!("{}", toml::to_string(&config)?);
+        eprintln!("configuration is valid");
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("log filter")?)
+        .with_writer(std::io::stderr)
+        .init();
+    let node = feedgraph_server::scorer::start_scorer(config).await?;
+    let models = node.registry().list();
+    eprintln!("feedgraph scorer serving gRPC on {}, metrics on http://{}/metrics", node.grpc_addr(), node.metrics_addr());
+    for m in &models {
+        eprintln!("  model {} version {} ({}, {} features)", m.name, m.version, m.kind.as_str(), m.feature_names.len());
+    }
+    if models.is_empty() {
+        eprintln!("  no model loaded yet: drop <model>/<version>/ directories into the model directory");
+    }
+    shutdown_signal().await;
+    node.shutdown().await?;
+    Ok(())
+}
+
+async fn export_features(args: ExportArgs) -> anyhow::Result<()> {
+    use feedgraph_model::{FeedRequest, UserId};
+    use feedgraph_retrieval::FeedKind;
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = &args.data_dir {
+        config.data_dir = v.clone();
+    }
+    // Features are exported whatever model the service would use.
+    config.scorer = Default::default();
+    let broker_config = config.validate()?;
+    let cfg = config.clone();
+    let demo = args.demo;
+    let shards = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let shards = feedgraph_server::open_shards(&cfg)?;
+        if demo {
+            let spec = feedgraph_loadtest::GraphSpec::demo(now_ms());
+            feedgraph_server::demo::ensure_loaded(&cfg.data_dir, &shards, &spec, &mut progress_bar)?;
+        }
+        Ok(shards)
+    })
+    .await??;
+    let broker = feedgraph_retrieval::Broker::new(shards, broker_config, [0; 32])?;
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?,
+    );
+    let context_names: Vec<&str> = feedgraph_retrieval::features::CONTEXT_FEATURES
+        .into_iter()
+        .chain(feedgraph_loadtest::USER_CONTEXT_FEATURES)
+        .collect();
+    writeln!(
+        out,
+        "user,pin,feed,{},{}",
+        feedgraph_retrieval::features::ITEM_FEATURES.join(","),
+        context_names.join(",")
+    )?;
+    let step = (args.max_user_id / args.users.max(1)).max(1);
+    let (mut rows, mut feeds) = (0u64, 0u64);
+    for k in 0..args.users {
+        let Some(user) = UserId::new(1 + k * step) else { continue };
+        let features = feedgraph_loadtest::user_context(user, args.seed)
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v))
+            .collect();
+        let req = FeedRequest {
+            user,
+            page_size: std::num::NonZeroU32::MIN,
+            cursor: None,
+            ranking: None,
+            features,
+        };
+        for (kind, name) in [(FeedKind::Following, "following"), (FeedKind::Home, "home")] {
+            let batch = broker.model_inputs(kind, &req).await?;
+            if batch.items.is_empty() {
+                continue;
+            }
+            feeds += 1;
+            let context: Vec<String> =
+                context_names.iter().map(|n| batch.user_features.get(*n).copied().unwrap_or(0.0).to_string()).collect();
+            let context = context.join(",");
+            let stride = batch.items.len().div_ceil(args.rows_per_feed.max(1));
+            for item in batch.items.iter().step_by(stride.max(1)) {
+                let values: Vec<String> = item.values.iter().map(|v| v.to_string()).collect();
+                writeln!(out, "{},{},{name},{},{context}", user.get(), item.id, values.join(","))?;
+                rows += 1;
+            }
+        }
+    }
+    out.flush()?;
+    eprintln!("wrote {rows} rows from {feeds} feeds to {}", args.out.display());
     Ok(())
 }
 

@@ -3,9 +3,10 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use feedgraph_retrieval::FeedPage;
+use feedgraph_retrieval::{FeedPage, Scoring};
+use feedgraph_scoring::ReloadReport;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -18,6 +19,9 @@ pub struct Metrics {
     latency: HistogramVec,
     feed_partial: IntCounter,
     feed_scanned: prometheus::Histogram,
+    feed_scoring: IntCounterVec,
+    model_loads: IntCounterVec,
+    model_version: IntGaugeVec,
 }
 
 impl Metrics {
@@ -38,11 +42,36 @@ impl Metrics {
             HistogramOpts::new("feed_candidates_scanned", "Candidates scanned per ranking computed")
                 .buckets(prometheus::exponential_buckets(100.0, 4.0, 8)?),
         )?;
+        let feed_scoring = IntCounterVec::new(
+            Opts::new(
+                "feed_rankings_total",
+                "Rankings computed, by scoring: light, model, or fallback_<reason> when the ML scorer could not be used",
+            ),
+            &["scoring"],
+        )?;
+        let model_loads = IntCounterVec::new(
+            Opts::new("scorer_model_loads_total", "Model versions loaded or refused, by model and result"),
+            &["model", "result"],
+        )?;
+        let model_version =
+            IntGaugeVec::new(Opts::new("scorer_model_version", "Model version served, by model"), &["model"])?;
+        registry.register(Box::new(feed_scoring.clone()))?;
+        registry.register(Box::new(model_loads.clone()))?;
+        registry.register(Box::new(model_version.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(feed_partial.clone()))?;
         registry.register(Box::new(feed_scanned.clone()))?;
-        Ok(Self { registry, requests, latency, feed_partial, feed_scanned })
+        Ok(Self {
+            registry,
+            requests,
+            latency,
+            feed_partial,
+            feed_scanned,
+            feed_scoring,
+            model_loads,
+            model_version,
+        })
     }
 
     pub fn observe<T>(&self, method: &str, started: Instant, result: &Result<T, tonic::Status>) {
@@ -72,6 +101,30 @@ impl Metrics {
         }
         if !page.stats.from_cache {
             self.feed_scanned.observe(page.stats.candidates_scanned as f64);
+            let label = match page.stats.scoring {
+                Scoring::Light => "light",
+                Scoring::Model => "model",
+                Scoring::LightFallback(r) => match r {
+                    feedgraph_retrieval::FallbackReason::Deadline => "fallback_deadline",
+                    feedgraph_retrieval::FallbackReason::Unavailable => "fallback_unavailable",
+                    feedgraph_retrieval::FallbackReason::Refused => "fallback_refused",
+                },
+            };
+            self.feed_scoring.with_label_values(&[label]).inc();
+        }
+    }
+
+    /// Records a model directory rescan.
+    pub fn observe_reload(&self, report: &ReloadReport) {
+        for (model, version) in &report.loaded {
+            self.model_loads.with_label_values(&[model.as_str(), "loaded"]).inc();
+            self.model_version.with_label_values(&[model.as_str()]).set(*version as i64);
+        }
+        for (model, _, _) in &report.refused {
+            self.model_loads.with_label_values(&[model.as_str(), "refused"]).inc();
+        }
+        for model in &report.removed {
+            let _ = self.model_version.remove_label_values(&[model.as_str()]);
         }
     }
 

@@ -244,8 +244,10 @@ fn to_response(page: FeedPage, started: Instant) -> pb::FeedResponse {
             partial: s.partial,
             scoring: match s.scoring {
                 Scoring::Light => pb::Scoring::Light,
+                Scoring::Model => pb::Scoring::Model,
+                Scoring::LightFallback(_) => pb::Scoring::LightFallback,
             } as i32,
-            model: String::new(),
+            model: s.model.unwrap_or_default(),
             server_latency_us: started.elapsed().as_micros() as u64,
         }),
     }
