@@ -19,8 +19,8 @@ use feedgraph_scoring::{Expr, ScoreBatch, Scorer};
 use moka::sync::Cache;
 
 use crate::cursor::{CursorCodec, CursorState, FeedKind};
-use crate::query::{self, Candidate, CandidateQuery, ShardAnswer};
 use crate::features;
+use crate::query::{self, Candidate, CandidateQuery, ShardAnswer};
 use crate::rank;
 use crate::{Error, Result};
 
@@ -183,7 +183,13 @@ impl Broker {
         }
         let rankings =
             Cache::builder().max_capacity(cfg.ranking_cache_entries).time_to_live(cfg.ranking_ttl).build();
-        Ok(Self { shards: Arc::new(shards), cfg, rankings, cursors: CursorCodec::new(cursor_key), scorer: None })
+        Ok(Self {
+            shards: Arc::new(shards),
+            cfg,
+            rankings,
+            cursors: CursorCodec::new(cursor_key),
+            scorer: None,
+        })
     }
 
     /// Sets the ML scorer that `BrokerConfig::model` names a model of.
@@ -458,7 +464,10 @@ impl Broker {
     /// `feedgraph export-features` writes for training.
     pub async fn model_inputs(&self, kind: FeedKind, req: &FeedRequest) -> Result<ScoreBatch> {
         let expr = self.cfg.rankings.get(&self.cfg.default_ranking).cloned().ok_or_else(|| {
-            Error::FailedPrecondition(format!("default ranking `{}` is not defined", self.cfg.default_ranking))
+            Error::FailedPrecondition(format!(
+                "default ranking `{}` is not defined",
+                self.cfg.default_ranking
+            ))
         })?;
         let now = now_ms();
         let watermarks: Vec<u32> = self.shards.iter().map(|s| s.next_ordinal()).collect();
@@ -470,7 +479,13 @@ impl Broker {
 
     /// Re-ranks the head of the list with the ML model, if one is configured; on any
     /// failure the light-score order stands and the stats say why.
-    async fn rerank(&self, kind: FeedKind, req: &FeedRequest, g: Gathered, now_ms: i64) -> (Vec<Candidate>, FeedStats) {
+    async fn rerank(
+        &self,
+        kind: FeedKind,
+        req: &FeedRequest,
+        g: Gathered,
+        now_ms: i64,
+    ) -> (Vec<Candidate>, FeedStats) {
         let Gathered { mut list, follows, mut stats } = g;
         let Some(model) = &self.cfg.model else { return (list, stats) };
         let take = model.candidates.min(list.len());
@@ -496,7 +511,11 @@ impl Broker {
                 })
             }
             Ok(Ok(s)) if s.scores.len() != take => {
-                tracing::warn!(got = s.scores.len(), sent = take, "scorer answered the wrong number of scores");
+                tracing::warn!(
+                    got = s.scores.len(),
+                    sent = take,
+                    "scorer answered the wrong number of scores"
+                );
                 Err(FallbackReason::Refused)
             }
             Ok(Ok(s)) => Ok(s),

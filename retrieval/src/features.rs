@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use feedgraph_graph_store::Follows;
 use feedgraph_model::FeedRequest;
-use feedgraph_scoring::{ScoreBatch, ScoreItem};
+use feedgraph_scoring::ScoreBatch;
 
 use crate::cursor::FeedKind;
 use crate::query::{Candidate, Source};
@@ -125,10 +125,7 @@ pub fn score_batch(
         model: model.to_string(),
         user_features: context_features(req, follows, kind, list.len()),
         feature_names: ITEM_FEATURES.iter().map(|s| s.to_string()).collect(),
-        items: list
-            .iter()
-            .zip(item_features(list, follows, now_ms))
-            .map(|(c, values)| ScoreItem { id: c.pin.get(), values: values.to_vec() })
-            .collect(),
+        item_ids: list.iter().map(|c| c.pin.get()).collect(),
+        values: item_features(list, follows, now_ms).into_iter().flatten().collect(),
     }
 }

@@ -20,7 +20,9 @@ pub mod features;
 pub mod query;
 pub mod rank;
 
-pub use broker::{Broker, BrokerConfig, FallbackReason, FeedPage, FeedStats, ModelRanking, Scoring, WriteResult};
+pub use broker::{
+    Broker, BrokerConfig, FallbackReason, FeedPage, FeedStats, ModelRanking, Scoring, WriteResult,
+};
 pub use cursor::FeedKind;
 pub use query::{Candidate, Source};
 

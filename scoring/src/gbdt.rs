@@ -11,7 +11,8 @@
 //! to themselves, so every row descends exactly the tree's depth, and 16 rows descend
 //! together with `children[(value > threshold) as usize]`. A data-dependent branch per
 //! level mispredicts about half the time; this has none, and the 16 independent loads
-//! overlap (measured 3.5 ms → see README for 1,000 rows × 80 trees).
+//! overlap (1,000 rows × 80 trees: 3.5 ms with the branching loop, 1.2 ms branch-free).
+//! The cost follows each tree's maximum depth, so the training script caps depth.
 //!
 //! Semantics follow LightGBM's `NumericalDecision` exactly (`value <= threshold` goes
 //! left; the "zero" missing type sends |value| ≤ 1e-35 the default way), in `f64`, so
@@ -188,7 +189,8 @@ impl Ensemble {
         features: usize,
     ) -> Result<(), String> {
         let get = |k: &str| fields.get(k).copied().ok_or_else(|| format!("{name}: missing `{k}`"));
-        let num_leaves: usize = get("num_leaves")?.parse().map_err(|_| format!("{name}: malformed num_leaves"))?;
+        let num_leaves: usize =
+            get("num_leaves")?.parse().map_err(|_| format!("{name}: malformed num_leaves"))?;
         if num_leaves == 0 {
             return Err(format!("{name}: no leaves"));
         }
@@ -213,7 +215,8 @@ impl Ensemble {
             return Ok(());
         }
         let internal = num_leaves - 1;
-        let split_feature: Vec<usize> = parse_list(get("split_feature")?, "split_feature", internal).map_err(at)?;
+        let split_feature: Vec<usize> =
+            parse_list(get("split_feature")?, "split_feature", internal).map_err(at)?;
         let threshold: Vec<f64> = parse_list(get("threshold")?, "threshold", internal).map_err(at)?;
         let decision: Vec<u8> = parse_list(get("decision_type")?, "decision_type", internal).map_err(at)?;
         let left: Vec<i32> = parse_list(get("left_child")?, "left_child", internal).map_err(at)?;
@@ -280,7 +283,11 @@ impl Ensemble {
                 }
                 if at >= 0 {
                     let n = &self.nodes[at as usize];
-                    flat.nodes.push(FlatNode { threshold: n.threshold, feature: n.feature, children: [me, me] });
+                    flat.nodes.push(FlatNode {
+                        threshold: n.threshold,
+                        feature: n.feature,
+                        children: [me, me],
+                    });
                     flat.values.push(0.0);
                     stack.push((n.right, level + 1, Some((me as usize, 1))));
                     stack.push((n.left, level + 1, Some((me as usize, 0))));
@@ -332,8 +339,12 @@ impl Ensemble {
 
     fn sum_flat(flat: &Flat, rows: &[f64], width: usize, sums: &mut [f64]) {
         const GROUP: usize = 16;
-        for &(root, depth) in &flat.trees {
-            for (group, out) in rows.chunks(width * GROUP).zip(sums.chunks_mut(GROUP)) {
+        // Group-major: a group's rows (16 × 32 × 8 bytes) stay in L1 while every tree
+        // passes over them; the trees (~56 KB for 80 trees of 15 leaves) come from L2.
+        // Tree-major streams all rows (256 KB) from L2 once per tree: 10–15% slower in
+        // paired runs here.
+        for (group, out) in rows.chunks(width * GROUP).zip(sums.chunks_mut(GROUP)) {
+            for &(root, depth) in &flat.trees {
                 let mut at = [root; GROUP];
                 for _ in 0..depth {
                     for (k, row) in group.chunks_exact(width).enumerate() {

@@ -61,12 +61,14 @@ impl LoadedModel {
             }
         };
         let schema_text = read(SCHEMA_FILE)?.ok_or_else(|| invalid(format!("no {SCHEMA_FILE}")))?;
-        let schema_text = String::from_utf8(schema_text).map_err(|_| invalid(format!("{SCHEMA_FILE} is not UTF-8")))?;
+        let schema_text =
+            String::from_utf8(schema_text).map_err(|_| invalid(format!("{SCHEMA_FILE} is not UTF-8")))?;
         let schema = FeatureSchema::parse(&schema_text, &origin)?;
         let runtime = match (read(ONNX_FILE)?, read(LIGHTGBM_FILE)?) {
             (Some(bytes), None) => Runtime::Onnx(Network::load(&bytes, schema.len(), &origin)?),
             (None, Some(bytes)) => {
-                let text = String::from_utf8(bytes).map_err(|_| invalid(format!("{LIGHTGBM_FILE} is not UTF-8")))?;
+                let text =
+                    String::from_utf8(bytes).map_err(|_| invalid(format!("{LIGHTGBM_FILE} is not UTF-8")))?;
                 let trees = Ensemble::parse(&text, &origin)?;
                 if trees.features() != schema.len() {
                     return Err(invalid(format!(

@@ -42,7 +42,10 @@ impl Network {
         // A probe row proves the output has one score per row.
         let probe = network.predict(&vec![0.0; features * 2]).map_err(|e| invalid(e.to_string()))?;
         if probe.len() != 2 {
-            return Err(invalid(format!("gives {} outputs for 2 rows; expected one score per row", probe.len())));
+            return Err(invalid(format!(
+                "gives {} outputs for 2 rows; expected one score per row",
+                probe.len()
+            )));
         }
         Ok(network)
     }

@@ -106,8 +106,10 @@ impl Registry {
     /// Rescans the directory and swaps in new versions (see the module doc). Loading
     /// runs on the calling thread: call it from a background thread.
     pub fn reload(&self) -> Result<ReloadReport> {
-        let unreadable =
-            |e: std::io::Error| Error::InvalidModel { path: self.dir.display().to_string(), reason: e.to_string() };
+        let unreadable = |e: std::io::Error| Error::InvalidModel {
+            path: self.dir.display().to_string(),
+            reason: e.to_string(),
+        };
         let mut report = ReloadReport::default();
         let mut seen = Vec::new();
         for (name, model_dir) in subdirectories(&self.dir).map_err(unreadable)? {
@@ -122,7 +124,7 @@ impl Registry {
                     continue;
                 }
             };
-            versions.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            versions.sort_unstable_by_key(|v| std::cmp::Reverse(v.0));
             let serving = self.get(&name).map(|m| m.version);
             for (version, path) in versions {
                 if serving == Some(version) {

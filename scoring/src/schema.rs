@@ -89,14 +89,6 @@ pub struct FeatureSchema {
     index: HashMap<String, usize>,
 }
 
-/// How one column of a batch is filled.
-enum Column {
-    /// From the item's values at this position.
-    Item(usize),
-    /// The same (already transformed) value for every item.
-    Constant(f64),
-}
-
 impl FeatureSchema {
     /// Parses and validates a schema; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
@@ -168,11 +160,17 @@ impl FeatureSchema {
                 }
             }
         }
-        let mut columns = Vec::with_capacity(self.features.len());
-        for (f, pos) in self.features.iter().zip(&position) {
-            columns.push(match (f.source, pos) {
-                (FeatureSource::Item, Some(k)) => Column::Item(*k),
-                (FeatureSource::Item, None) => Column::Constant(f.apply(f.default)),
+        // Constant columns (defaults, user features) are computed once into a template
+        // row; per item only its own columns are transformed.
+        let mut template = Vec::with_capacity(self.features.len());
+        let mut item_columns: Vec<(usize, usize)> = Vec::new();
+        for (i, (f, pos)) in self.features.iter().zip(&position).enumerate() {
+            template.push(match (f.source, pos) {
+                (FeatureSource::Item, Some(k)) => {
+                    item_columns.push((i, *k));
+                    0.0
+                }
+                (FeatureSource::Item, None) => f.apply(f.default),
                 (FeatureSource::User, _) => {
                     let raw = match batch.user_features.get(&f.name) {
                         Some(v) if !v.is_finite() => {
@@ -181,32 +179,39 @@ impl FeatureSchema {
                         Some(v) => f64::from(*v),
                         None => f.default,
                     };
-                    Column::Constant(f.apply(raw))
+                    f.apply(raw)
                 }
             });
         }
         let width = batch.feature_names.len();
-        let mut out = Vec::with_capacity(batch.items.len() * self.features.len());
-        for item in &batch.items {
-            if item.values.len() != width {
-                return Err(Error::InvalidArgument {
-                    item: Some(item.id),
-                    feature: None,
-                    reason: format!("has {} values for {width} feature names", item.values.len()),
-                });
-            }
-            if let Some(k) = item.values.iter().position(|v| !v.is_finite()) {
-                return Err(bad(
-                    Some(item.id),
-                    &batch.feature_names[k],
-                    format!("value is {}", item.values[k]),
-                ));
-            }
-            for (f, c) in self.features.iter().zip(&columns) {
-                out.push(match c {
-                    Column::Item(k) => f.apply(f64::from(item.values[*k])),
-                    Column::Constant(v) => *v,
-                });
+        let items = batch.item_ids.len();
+        if batch.values.len() != items * width {
+            return Err(Error::InvalidArgument {
+                item: None,
+                feature: None,
+                reason: format!(
+                    "{} values for {items} items × {width} features (expected {})",
+                    batch.values.len(),
+                    items * width
+                ),
+            });
+        }
+        if let Some(at) = batch.values.iter().position(|v| !v.is_finite()) {
+            let (i, k) = (at.checked_div(width).unwrap_or(0), at.checked_rem(width).unwrap_or(0));
+            return Err(bad(
+                Some(batch.item_ids[i]),
+                &batch.feature_names[k],
+                format!("value is {}", batch.values[at]),
+            ));
+        }
+        let mut out = Vec::with_capacity(items * self.features.len());
+        for i in 0..items {
+            let values = &batch.values[i * width..(i + 1) * width];
+            let start = out.len();
+            out.extend_from_slice(&template);
+            let row = &mut out[start..];
+            for &(j, k) in &item_columns {
+                row[j] = self.features[j].apply(f64::from(values[k]));
             }
         }
         Ok(out)
@@ -216,7 +221,6 @@ impl FeatureSchema {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ScoreItem;
 
     fn schema() -> FeatureSchema {
         FeatureSchema::parse(
@@ -246,7 +250,8 @@ mod tests {
             model: "m".into(),
             user_features: HashMap::new(),
             feature_names: names.iter().map(|s| s.to_string()).collect(),
-            items: items.into_iter().enumerate().map(|(i, values)| ScoreItem { id: i as u64 + 10, values }).collect(),
+            item_ids: (0..items.len() as u64).map(|i| i + 10).collect(),
+            values: items.into_iter().flatten().collect(),
         }
     }
 
@@ -269,9 +274,10 @@ mod tests {
         let err = s.assemble(&batch(&["saves", "colour"], vec![vec![1.0, 2.0]])).unwrap_err().to_string();
         assert!(err.contains("`colour`") && err.contains("not a feature"), "{err}");
         let err = s.assemble(&batch(&["saves"], vec![vec![1.0], vec![1.0, 2.0]])).unwrap_err().to_string();
-        assert!(err.contains("item 11") && err.contains("2 values"), "{err}");
-        let err = s.assemble(&batch(&["quality", "saves"], vec![vec![0.1, f32::NAN]])).unwrap_err().to_string();
-        assert!(err.contains("item 10") && err.contains("`saves`") && err.contains("NaN"), "{err}");
+        assert!(err.contains("3 values for 2 items × 1 features"), "{err}");
+        let nan = vec![vec![0.1, 1.0], vec![0.1, f32::NAN]];
+        let err = s.assemble(&batch(&["quality", "saves"], nan)).unwrap_err().to_string();
+        assert!(err.contains("item 11") && err.contains("`saves`") && err.contains("NaN"), "{err}");
         let err = s.assemble(&batch(&["user.sessions"], vec![vec![1.0]])).unwrap_err().to_string();
         assert!(err.contains("user feature"), "{err}");
         let mut b = batch(&["saves"], vec![vec![1.0]]);

@@ -42,13 +42,15 @@ fn bad_batches_are_typed_errors() {
     let mut batch = common::big_batch("nope", 3);
     assert!(matches!(scorer.score_blocking(&batch), Err(Error::UnknownModel(m)) if m == "nope"));
     batch.model = "engagement_mlp".into();
-    batch.items[2].values[1] = f32::INFINITY;
+    let width = batch.feature_names.len();
+    batch.values[2 * width + 1] = f32::INFINITY;
     let err = scorer.score_blocking(&batch).unwrap_err().to_string();
     assert!(err.contains("item 2") && err.contains("`saves`"), "{err}");
-    batch.items[2].values.pop();
-    assert!(scorer.score_blocking(&batch).unwrap_err().to_string().contains("item 2"));
+    batch.values.pop();
+    assert!(scorer.score_blocking(&batch).unwrap_err().to_string().contains("for 3 items"));
     // An empty batch scores nothing.
-    batch.items.clear();
+    batch.item_ids.clear();
+    batch.values.clear();
     assert!(scorer.score_blocking(&batch).unwrap().scores.is_empty());
 }
 
@@ -115,7 +117,8 @@ fn hot_reload_swaps_versions_without_failing_requests() {
 
     // A corrupt version 3 is refused, once, and version 2 keeps serving.
     publish(tmp.path(), model, 3, |d| {
-        std::fs::write(d.join("model.txt"), "tree\nversion=v4\nmax_feature_idx=31\nTree=0\nnum_leaves=3\n").unwrap()
+        std::fs::write(d.join("model.txt"), "tree\nversion=v4\nmax_feature_idx=31\nTree=0\nnum_leaves=3\n")
+            .unwrap()
     });
     let report = registry.reload().unwrap();
     assert_eq!(report.refused.len(), 1, "{report:?}");

@@ -137,7 +137,11 @@ def main():
                                  target_opset=15)
 
     gbdt = lgb.train(
-        {"objective": "binary", "num_leaves": 15, "learning_rate": 0.1, "min_data_in_leaf": 50,
+        # Depth is capped: the evaluator descends every tree to its full depth
+        # (branch-free), so serving cost follows max depth, not leaf count. Measured
+        # on this data: unlimited depth (max 7) AUC 0.7754, depth 4 AUC 0.7745 at 0.6×
+        # the scoring time.
+        {"objective": "binary", "num_leaves": 15, "max_depth": 4, "learning_rate": 0.1, "min_data_in_leaf": 50,
          "feature_fraction": 0.9, "seed": SEED, "deterministic": True, "num_threads": 1,
          "verbose": -1},
         lgb.Dataset(x_train, label=y_train, feature_name=names),

@@ -1,7 +1,10 @@
 //! Following-feed latency on the demo graph (1M pins, 16 shards) for a viewer who
 //! follows 200 users and 100 boards (~30k candidates), light scoring only:
 //! - `following_feed/in_process`: the broker called directly;
-//! - `following_feed/grpc`: the same through gRPC on 127.0.0.1.
+//! - `following_feed/grpc`: the same through gRPC on 127.0.0.1;
+//! - `following_feed/in_process_mlp` and `/in_process_gbdt`: the broker of a second node
+//!   over the same shards that re-ranks the best 500 candidates with the bundled model
+//!   (embedded scorer): the cost of ML ranking on top of retrieval.
 //!
 //! Each request is a first page (the whole ranking is computed). Under `cargo bench`
 //! a second pass sends 2,000 sequential requests per path and prints p50/p90/p99/max.
@@ -24,6 +27,8 @@ const NOW_MS: i64 = 1_800_000_000_000;
 struct Fixture {
     rt: tokio::runtime::Runtime,
     node: Node,
+    /// Same shards, re-ranking with a model: (name, node).
+    model_nodes: Vec<(&'static str, Node)>,
     client: pb::feed_service_client::FeedServiceClient<tonic::transport::Channel>,
     _dir: tempfile::TempDir,
 }
@@ -40,6 +45,18 @@ fn fixture() -> Fixture {
     let spec = GraphSpec::demo(NOW_MS);
     let shards = feedgraph_server::open_shards(&config).unwrap();
     feedgraph_server::demo::ensure_loaded(&config.data_dir, &shards, &spec, &mut |_, _| {}).unwrap();
+    let models = dir.path().join("models");
+    feedgraph_server::demo::ensure_models(&models).unwrap();
+    let model_nodes = ["engagement_mlp", "engagement_gbdt"]
+        .into_iter()
+        .map(|model| {
+            let mut c = config.clone();
+            c.scorer.model_dir = Some(models.clone());
+            c.scorer.model = model.into();
+            c.scorer.deadline_ms = 1_000;
+            (model, rt.block_on(feedgraph_server::start_with(c, shards.clone())).unwrap())
+        })
+        .collect();
     let node = rt.block_on(feedgraph_server::start_with(config, shards)).unwrap();
     // The viewer follows 200 users spread over the id space and 100 boards.
     let viewer = UserId::new(VIEWER).unwrap();
@@ -60,7 +77,7 @@ fn fixture() -> Fixture {
     let client = rt
         .block_on(pb::feed_service_client::FeedServiceClient::connect(format!("http://{}", node.grpc_addr())))
         .unwrap();
-    Fixture { rt, node, client, _dir: dir }
+    Fixture { rt, node, model_nodes, client, _dir: dir }
 }
 
 fn domain_request() -> FeedRequest {
@@ -111,11 +128,20 @@ fn bench_feed(c: &mut Criterion) {
     group.bench_function("grpc", |b| {
         b.iter(|| f.rt.block_on(f.client.get_following_feed(grpc_request())).unwrap())
     });
+    for (model, node) in &f.model_nodes {
+        let page = f.rt.block_on(node.broker().feed(FeedKind::Following, &domain_request())).unwrap();
+        assert_eq!(page.stats.scoring, feedgraph_retrieval::Scoring::Model, "{model}");
+        let name = format!("in_process_{}", model.trim_start_matches("engagement_"));
+        group.bench_function(name, |b| {
+            b.iter(|| f.rt.block_on(node.broker().feed(FeedKind::Following, &domain_request())).unwrap())
+        });
+    }
     group.finish();
 
     if std::env::args().any(|a| a == "--bench") {
         let mut in_process = Vec::with_capacity(2_000);
         let mut grpc = Vec::with_capacity(2_000);
+        let mut model = Vec::with_capacity(2_000);
         for _ in 0..2_000 {
             let t = Instant::now();
             f.rt.block_on(f.node.broker().feed(FeedKind::Following, &domain_request())).unwrap();
@@ -123,11 +149,18 @@ fn bench_feed(c: &mut Criterion) {
             let t = Instant::now();
             f.rt.block_on(f.client.get_following_feed(grpc_request())).unwrap();
             grpc.push(t.elapsed());
+            let t = Instant::now();
+            f.rt.block_on(f.model_nodes[0].1.broker().feed(FeedKind::Following, &domain_request())).unwrap();
+            model.push(t.elapsed());
         }
         percentiles("following_feed/in_process", in_process);
         percentiles("following_feed/grpc", grpc);
+        percentiles("following_feed/in_process_mlp", model);
     }
-    let Fixture { rt, node, .. } = f;
+    let Fixture { rt, node, model_nodes, .. } = f;
+    for (_, n) in model_nodes {
+        rt.block_on(n.shutdown()).unwrap();
+    }
     rt.block_on(node.shutdown()).unwrap();
 }
 

@@ -88,7 +88,10 @@ impl ScorerConfig {
             return Err(invalid(&field("candidates"), "must be in 1..=max_batch"));
         }
         if self.deadline_ms == 0 || self.reload_interval_ms == 0 {
-            return Err(invalid(&field("deadline_ms"), "deadline_ms and reload_interval_ms must be at least 1"));
+            return Err(invalid(
+                &field("deadline_ms"),
+                "deadline_ms and reload_interval_ms must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -411,7 +414,9 @@ mod tests {
         c.scorer.model = "m".into();
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { field, .. }) if field == "scorer.model"));
         c.scorer.endpoint = Some("127.0.0.1:1".into());
-        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field, .. }) if field == "scorer.endpoint"));
+        assert!(
+            matches!(c.validate(), Err(ConfigError::Invalid { field, .. }) if field == "scorer.endpoint")
+        );
         c.scorer.endpoint = Some("http://127.0.0.1:1".into());
         c.validate().unwrap();
         c.scorer.candidates = 5000;

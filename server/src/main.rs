@@ -385,7 +385,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         eprintln!("\nTry (user {u} follows about 300 accounts and boards):");
         eprintln!("  {exe} feed --addr {addr} --user {u}");
         eprintln!("  {exe} feed --addr {addr} --user {u} --home --page-size 10 --ranking fresh");
-        eprintln!("  {exe} feed --addr {addr} --user {u} --feature user.mobile=1 --feature user.sessions_7d=20");
+        eprintln!(
+            "  {exe} feed --addr {addr} --user {u} --feature user.mobile=1 --feature user.sessions_7d=20"
+        );
         eprintln!(
             "  grpcurl -plaintext -d '{{\"user_id\": {u}, \"page_size\": 5}}' {addr} feedgraph.v1.FeedService/GetFollowingFeed"
         );
@@ -433,9 +435,19 @@ async fn scorer(args: ScorerArgs) -> anyhow::Result<()> {
         .init();
     let node = feedgraph_server::scorer::start_scorer(config).await?;
     let models = node.registry().list();
-    eprintln!("feedgraph scorer serving gRPC on {}, metrics on http://{}/metrics", node.grpc_addr(), node.metrics_addr());
+    eprintln!(
+        "feedgraph scorer serving gRPC on {}, metrics on http://{}/metrics",
+        node.grpc_addr(),
+        node.metrics_addr()
+    );
     for m in &models {
-        eprintln!("  model {} version {} ({}, {} features)", m.name, m.version, m.kind.as_str(), m.feature_names.len());
+        eprintln!(
+            "  model {} version {} ({}, {} features)",
+            m.name,
+            m.version,
+            m.kind.as_str(),
+            m.feature_names.len()
+        );
     }
     if models.is_empty() {
         eprintln!("  no model loaded yet: drop <model>/<version>/ directories into the model directory");
@@ -491,26 +503,23 @@ async fn export_features(args: ExportArgs) -> anyhow::Result<()> {
             .into_iter()
             .map(|(n, v)| (n.to_string(), v))
             .collect();
-        let req = FeedRequest {
-            user,
-            page_size: std::num::NonZeroU32::MIN,
-            cursor: None,
-            ranking: None,
-            features,
-        };
+        let req =
+            FeedRequest { user, page_size: std::num::NonZeroU32::MIN, cursor: None, ranking: None, features };
         for (kind, name) in [(FeedKind::Following, "following"), (FeedKind::Home, "home")] {
             let batch = broker.model_inputs(kind, &req).await?;
-            if batch.items.is_empty() {
+            if batch.is_empty() {
                 continue;
             }
             feeds += 1;
-            let context: Vec<String> =
-                context_names.iter().map(|n| batch.user_features.get(*n).copied().unwrap_or(0.0).to_string()).collect();
+            let context: Vec<String> = context_names
+                .iter()
+                .map(|n| batch.user_features.get(*n).copied().unwrap_or(0.0).to_string())
+                .collect();
             let context = context.join(",");
-            let stride = batch.items.len().div_ceil(args.rows_per_feed.max(1));
-            for item in batch.items.iter().step_by(stride.max(1)) {
-                let values: Vec<String> = item.values.iter().map(|v| v.to_string()).collect();
-                writeln!(out, "{},{},{name},{},{context}", user.get(), item.id, values.join(","))?;
+            let stride = batch.len().div_ceil(args.rows_per_feed.max(1));
+            for i in (0..batch.len()).step_by(stride.max(1)) {
+                let values: Vec<String> = batch.row(i).iter().map(|v| v.to_string()).collect();
+                writeln!(out, "{},{},{name},{},{context}", user.get(), batch.item_ids[i], values.join(","))?;
                 rows += 1;
             }
         }

@@ -53,8 +53,10 @@ impl Metrics {
             Opts::new("scorer_model_loads_total", "Model versions loaded or refused, by model and result"),
             &["model", "result"],
         )?;
-        let model_version =
-            IntGaugeVec::new(Opts::new("scorer_model_version", "Model version served, by model"), &["model"])?;
+        let model_version = IntGaugeVec::new(
+            Opts::new("scorer_model_version", "Model version served, by model"),
+            &["model"],
+        )?;
         registry.register(Box::new(feed_scoring.clone()))?;
         registry.register(Box::new(model_loads.clone()))?;
         registry.register(Box::new(model_version.clone()))?;

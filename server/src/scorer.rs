@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use feedgraph_proto::pb::internal as ipb;
-use feedgraph_scoring::{self as scoring, BoxFuture, LocalScorer, Registry, ScoreBatch, ScoreItem, Scorer, Scores};
+use feedgraph_scoring::{self as scoring, BoxFuture, LocalScorer, Registry, ScoreBatch, Scorer, Scores};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
@@ -37,16 +37,18 @@ fn from_proto(r: ipb::ScoreBatchRequest) -> ScoreBatch {
         model: r.model,
         user_features: r.user_features.into_iter().collect(),
         feature_names: r.feature_names,
-        items: r.items.into_iter().map(|i| ScoreItem { id: i.item_id, values: i.values }).collect(),
+        item_ids: r.item_ids,
+        values: r.values,
     }
 }
 
-fn to_proto(b: ScoreBatch) -> ipb::ScoreBatchRequest {
+pub fn to_proto(b: ScoreBatch) -> ipb::ScoreBatchRequest {
     ipb::ScoreBatchRequest {
         model: b.model,
         user_features: b.user_features.into_iter().collect(),
         feature_names: b.feature_names,
-        items: b.items.into_iter().map(|i| ipb::ScoreItem { item_id: i.id, values: i.values }).collect(),
+        item_ids: b.item_ids,
+        values: b.values,
     }
 }
 
@@ -109,6 +111,8 @@ impl RemoteScorer {
     pub fn new(endpoint: &str) -> Result<Self, Error> {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
             .tcp_nodelay(true)
+            .initial_stream_window_size(crate::STREAM_WINDOW)
+            .initial_connection_window_size(crate::CONNECTION_WINDOW)
             .connect_timeout(Duration::from_millis(500))
             .connect_lazy();
         Ok(Self { client: ipb::scorer_service_client::ScorerServiceClient::new(channel) })
@@ -127,7 +131,9 @@ impl Scorer for RemoteScorer {
                         scoring::Error::InvalidArgument { item: None, feature: None, reason: msg }
                     }
                     Code::NotFound => scoring::Error::UnknownModel(msg),
-                    Code::DeadlineExceeded | Code::Cancelled => scoring::Error::DeadlineExceeded(Duration::ZERO),
+                    Code::DeadlineExceeded | Code::Cancelled => {
+                        scoring::Error::DeadlineExceeded(Duration::ZERO)
+                    }
                     _ => scoring::Error::Unavailable(format!("{:?}: {msg}", s.code())),
                 }
             })?;
@@ -247,8 +253,8 @@ pub(crate) async fn embed(
     let (stop, stopped) = oneshot::channel();
     let reloader = spawn_reloader(registry.clone(), reload_interval, metrics.clone(), stopped);
     let api = ScorerApi { scorer: LocalScorer::new(registry.clone(), max_batch), metrics };
-    let service = ipb::scorer_service_server::ScorerServiceServer::new(api)
-        .max_decoding_message_size(64 << 20);
+    let service =
+        ipb::scorer_service_server::ScorerServiceServer::new(api).max_decoding_message_size(64 << 20);
     Ok(Embedded { service, stop, reloader, registry })
 }
 
@@ -275,7 +281,7 @@ pub async fn start_scorer(config: crate::config::ScorerServerConfig) -> Result<S
         .map_err(io(format!("binding metrics on {}", config.metrics_listen)))?;
     let metrics_addr = metrics_listener.local_addr().map_err(io("metrics listener address"))?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
+    let router = crate::server_builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(embedded.service);

@@ -568,3 +568,190 @@ async fn request_features_steer_the_ranking_expression() {
     assert!(err.message().starts_with("features[w]"), "{}", err.message());
     n.node.shutdown().await.unwrap();
 }
+
+// ------------------------------------------------------------------ the ML scorer
+
+use feedgraph_proto::pb::internal as ipb;
+use ipb::scorer_service_client::ScorerServiceClient;
+
+/// A standalone scorer over a temporary copy of the bundled models.
+async fn start_scorer(dir: &std::path::Path) -> feedgraph_server::scorer::ScorerNode {
+    feedgraph_server::demo::ensure_models(dir).unwrap();
+    feedgraph_server::scorer::start_scorer(feedgraph_server::ScorerServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        model_dir: dir.to_path_buf(),
+        max_batch: 1000,
+        reload_interval_ms: 50,
+        log: "warn".into(),
+    })
+    .await
+    .unwrap()
+}
+
+fn score_request(model: &str, items: usize) -> ipb::ScoreBatchRequest {
+    ipb::ScoreBatchRequest {
+        model: model.into(),
+        user_features: [("user.mobile".to_owned(), 1.0)].into_iter().collect(),
+        feature_names: vec!["quality".into(), "saves".into(), "age_hours".into()],
+        item_ids: (0..items as u64).map(|i| 100 + i).collect(),
+        values: (0..items).flat_map(|i| [(i % 10) as f32 / 10.0, 50.0, 3.0]).collect(),
+    }
+}
+
+#[tokio::test]
+async fn scorer_service_scores_reloads_and_refuses_bad_input_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let scorer = start_scorer(dir.path()).await;
+    let mut client = ScorerServiceClient::connect(format!("http://{}", scorer.grpc_addr())).await.unwrap();
+    let models = client.list_models(ipb::ListModelsRequest {}).await.unwrap().into_inner().models;
+    let names: Vec<(&str, &str, &str)> =
+        models.iter().map(|m| (m.name.as_str(), m.version.as_str(), m.kind.as_str())).collect();
+    assert_eq!(names, [("engagement_gbdt", "1", "lightgbm"), ("engagement_mlp", "1", "onnx")]);
+    assert_eq!(models[0].feature_names.len(), 32);
+
+    for model in ["engagement_mlp", "engagement_gbdt"] {
+        let r = client.score_batch(score_request(model, 10)).await.unwrap().into_inner();
+        assert_eq!((r.scores.len(), r.model.as_str(), r.model_version.as_str()), (10, model, "1"));
+        assert!(r.scores.iter().all(|s| s.is_finite()));
+        // Higher quality, all else equal, scores higher for this simulated engagement.
+        assert!(r.scores[9] > r.scores[0], "{model}: {:?}", r.scores);
+    }
+
+    let code_and_message = |r: Result<tonic::Response<ipb::ScoreBatchResponse>, tonic::Status>| {
+        let s = r.unwrap_err();
+        (s.code(), s.message().to_owned())
+    };
+    let mut nan = score_request("engagement_mlp", 3);
+    nan.values[3 + 2] = f32::NAN;
+    let (code, msg) = code_and_message(client.score_batch(nan).await);
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(msg.contains("item 101") && msg.contains("`age_hours`"), "{msg}");
+    let mut unknown = score_request("engagement_mlp", 3);
+    unknown.feature_names[0] = "colour".into();
+    let (code, msg) = code_and_message(client.score_batch(unknown).await);
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(msg.contains("`colour`"), "{msg}");
+    let mut short = score_request("engagement_gbdt", 3);
+    short.values.pop();
+    let (code, msg) = code_and_message(client.score_batch(short).await);
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(msg.contains("8 values for 3 items × 3 features"), "{msg}");
+    let (code, _) = code_and_message(client.score_batch(score_request("engagement_mlp", 1001)).await);
+    assert_eq!(code, tonic::Code::ResourceExhausted);
+    let (code, msg) = code_and_message(client.score_batch(score_request("nope", 1)).await);
+    assert_eq!((code, msg.contains("nope")), (tonic::Code::NotFound, true));
+
+    // A new version dropped in (written aside, then renamed) is picked up by the reload
+    // loop; a broken one is refused, counted, and the good one keeps serving.
+    let model_dir = dir.path().join("engagement_gbdt");
+    let staging = model_dir.join(".tmp-2");
+    std::fs::create_dir_all(&staging).unwrap();
+    for f in ["model.txt", "schema.toml"] {
+        std::fs::copy(model_dir.join("1").join(f), staging.join(f)).unwrap();
+    }
+    std::fs::rename(&staging, model_dir.join("2")).unwrap();
+    std::fs::create_dir_all(model_dir.join("3")).unwrap();
+    std::fs::write(model_dir.join("3/model.txt"), "not a model").unwrap();
+    std::fs::copy(model_dir.join("1/schema.toml"), model_dir.join("3/schema.toml")).unwrap();
+    let mut served = String::new();
+    for _ in 0..100 {
+        let r = client.score_batch(score_request("engagement_gbdt", 1)).await.unwrap().into_inner();
+        served = r.model_version;
+        let body = http_get(scorer.metrics_addr(), "/metrics").await;
+        if served == "2"
+            && body.contains(r#"scorer_model_loads_total{model="engagement_gbdt",result="refused"} 1"#)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(served, "2");
+    let body = http_get(scorer.metrics_addr(), "/metrics").await;
+    assert!(body.contains(r#"scorer_model_version{model="engagement_gbdt"} 2"#), "{body}");
+    assert!(
+        body.contains(r#"scorer_model_loads_total{model="engagement_gbdt",result="refused"} 1"#),
+        "{body}"
+    );
+    scorer.shutdown().await.unwrap();
+}
+
+fn stats_of(r: &pb::FeedResponse) -> (pb::Scoring, String) {
+    let s = r.stats.clone().unwrap_or_default();
+    (pb::Scoring::try_from(s.scoring).unwrap(), s.model)
+}
+
+#[tokio::test]
+async fn feeds_are_model_ranked_and_fall_back_to_light_scores_when_the_scorer_stops() {
+    let models = tempfile::tempdir().unwrap();
+    let scorer = start_scorer(models.path()).await;
+    let endpoint = format!("http://{}", scorer.grpc_addr());
+    let mut n = start(|c| {
+        no_caps(c);
+        c.scorer.endpoint = Some(endpoint);
+        c.scorer.model = "engagement_mlp".into();
+        // Generous on a loaded CI machine; the fallback below is by unavailability.
+        c.scorer.deadline_ms = 2_000;
+    })
+    .await;
+    seed(&mut n, &[11, 12, 13], 20).await;
+    write(&mut n, vec![follow_user(5, 11), follow_user(5, 12), follow_user(5, 13)]).await.unwrap();
+
+    let r = feed_page(&mut n, 5, 30, "").await.unwrap();
+    assert_eq!(stats_of(&r), (pb::Scoring::Model, "engagement_mlp@1".to_owned()));
+    assert_eq!(r.items.len(), 30);
+    // The head is in model-score order (scores are the model's, not light scores).
+    assert!(r.items.windows(2).all(|w| w[0].score >= w[1].score), "{:?}", r.items);
+    // Later pages of that ranking say how it was made too.
+    let r2 = feed_page(&mut n, 5, 30, &r.next_cursor).await.unwrap();
+    assert_eq!(stats_of(&r2).0, pb::Scoring::Model);
+
+    scorer.shutdown().await.unwrap();
+    for _ in 0..3 {
+        let r = feed_page(&mut n, 5, 30, "").await.expect("feeds keep coming without the scorer");
+        assert_eq!(stats_of(&r), (pb::Scoring::LightFallback, String::new()));
+        assert_eq!(r.items.len(), 30);
+    }
+    let body = http_get(n.node.metrics_addr(), "/metrics").await;
+    assert!(body.contains(r#"feedgraph_feed_rankings_total{scoring="fallback_unavailable"} 3"#), "{body}");
+    assert!(body.contains(r#"feedgraph_feed_rankings_total{scoring="model"} 1"#), "{body}");
+    n.node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_scorer_embeds_in_the_feed_node() {
+    let models = tempfile::tempdir().unwrap();
+    feedgraph_server::demo::ensure_models(models.path()).unwrap();
+    let dir = models.path().to_path_buf();
+    let mut n = start(move |c| {
+        c.scorer.model_dir = Some(dir);
+        c.scorer.model = "engagement_gbdt".into();
+        c.scorer.deadline_ms = 2_000;
+    })
+    .await;
+    seed(&mut n, &[11], 5).await;
+    write(&mut n, vec![follow_user(5, 11)]).await.unwrap();
+    let r = feed_page(&mut n, 5, 10, "").await.unwrap();
+    assert_eq!(stats_of(&r), (pb::Scoring::Model, "engagement_gbdt@1".to_owned()));
+    // The node also answers ScorerService on its own port.
+    let mut client = ScorerServiceClient::connect(format!("http://{}", n.node.grpc_addr())).await.unwrap();
+    let r = client.score_batch(score_request("engagement_gbdt", 2)).await.unwrap().into_inner();
+    assert_eq!(r.scores.len(), 2);
+    n.node.shutdown().await.unwrap();
+
+    // A configured model the registry does not have: refused, light-score fallback.
+    let dir = models.path().to_path_buf();
+    let mut n = start(move |c| {
+        no_caps(c);
+        c.scorer.model_dir = Some(dir);
+        c.scorer.model = "engagement_typo".into();
+    })
+    .await;
+    seed(&mut n, &[11], 5).await;
+    write(&mut n, vec![follow_user(5, 11)]).await.unwrap();
+    let r = feed_page(&mut n, 5, 10, "").await.unwrap();
+    assert_eq!((stats_of(&r).0, r.items.len()), (pb::Scoring::LightFallback, 5));
+    let body = http_get(n.node.metrics_addr(), "/metrics").await;
+    assert!(body.contains(r#"feedgraph_feed_rankings_total{scoring="fallback_refused"} 1"#), "{body}");
+    n.node.shutdown().await.unwrap();
+}

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use feedgraph_scoring::{ScoreBatch, ScoreItem};
+use feedgraph_scoring::ScoreBatch;
 
 pub fn models_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
@@ -46,10 +46,8 @@ pub fn reference_batches(model: &str) -> Vec<ScoreBatch> {
             model: model.to_string(),
             user_features: row.user.iter().map(|(k, v)| (k.clone(), *v as f32)).collect(),
             feature_names: inputs.item_features.clone(),
-            items: vec![ScoreItem {
-                id: i as u64,
-                values: inputs.item_features.iter().map(|n| row.item[n] as f32).collect(),
-            }],
+            item_ids: vec![i as u64],
+            values: inputs.item_features.iter().map(|n| row.item[n] as f32).collect(),
         })
         .collect()
 }
@@ -63,9 +61,8 @@ pub fn reference_outputs(model: &str) -> Outputs {
 pub fn big_batch(model: &str, n: usize) -> ScoreBatch {
     let rows = reference_batches(model);
     let mut batch = rows[0].clone();
-    batch.items = (0..n)
-        .map(|i| ScoreItem { id: i as u64, values: rows[i % rows.len()].items[0].values.clone() })
-        .collect();
+    batch.item_ids = (0..n as u64).collect();
+    batch.values = (0..n).flat_map(|i| rows[i % rows.len()].values.clone()).collect();
     batch
 }
 
