@@ -147,14 +147,6 @@ impl LocalScorer {
 impl Scorer for LocalScorer {
     fn score(&self, batch: ScoreBatch) -> BoxFuture<'_, Result<Scores>> {
         Box::pin(async move {
-            // On a multi-threaded runtime, `block_in_place` hands this worker's other
-            // tasks to another thread and scores right here: the executor keeps
-            // running, and the batch skips two thread hand-offs (measured: p99 over
-            // gRPC, see README). A current-thread runtime cannot do that: blocking pool.
-            let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
-            if matches!(flavor, Ok(tokio::runtime::RuntimeFlavor::MultiThread)) {
-                return tokio::task::block_in_place(|| self.score_blocking(&batch));
-            }
             let this = self.clone();
             tokio::task::spawn_blocking(move || this.score_blocking(&batch))
                 .await

@@ -622,7 +622,11 @@ async fn feed(args: FeedArgs) -> anyhow::Result<()> {
         stats.shards_answered,
         stats.shards_asked,
         if stats.partial { " (PARTIAL)" } else { "" },
-        scoring_name(stats.scoring),
+        if stats.model.is_empty() {
+            scoring_name(stats.scoring).to_owned()
+        } else {
+            format!("{} ({})", scoring_name(stats.scoring), stats.model)
+        },
         stats.server_latency_us
     );
     if !r.next_cursor.is_empty() {
