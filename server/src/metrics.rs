@@ -104,15 +104,11 @@ impl Metrics {
         if !page.stats.from_cache {
             self.feed_scanned.observe(page.stats.candidates_scanned as f64);
             let label = match page.stats.scoring {
-                Scoring::Light => "light",
-                Scoring::Model => "model",
-                Scoring::LightFallback(r) => match r {
-                    feedgraph_retrieval::FallbackReason::Deadline => "fallback_deadline",
-                    feedgraph_retrieval::FallbackReason::Unavailable => "fallback_unavailable",
-                    feedgraph_retrieval::FallbackReason::Refused => "fallback_refused",
-                },
+                Scoring::Light => "light".to_owned(),
+                Scoring::Model => "model".to_owned(),
+                Scoring::LightFallback(r) => format!("fallback_{}", r.as_str()),
             };
-            self.feed_scoring.with_label_values(&[label]).inc();
+            self.feed_scoring.with_label_values(&[label.as_str()]).inc();
         }
     }
 

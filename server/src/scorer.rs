@@ -254,7 +254,7 @@ pub(crate) async fn embed(
     let reloader = spawn_reloader(registry.clone(), reload_interval, metrics.clone(), stopped);
     let api = ScorerApi { scorer: LocalScorer::new(registry.clone(), max_batch), metrics };
     let service =
-        ipb::scorer_service_server::ScorerServiceServer::new(api).max_decoding_message_size(64 << 20);
+        ipb::scorer_service_server::ScorerServiceServer::new(api).max_decoding_message_size(16 << 20);
     Ok(Embedded { service, stop, reloader, registry })
 }
 
