@@ -30,6 +30,28 @@ enum Command {
     /// Write the features the broker would send the ML scorer, for sampled users of a
     /// data directory (which no running service may hold), as CSV for training.
     ExportFeatures(ExportArgs),
+    /// Bulk-load a graph file written by `feedgraph-load ingest --out` into a data
+    /// directory (which no running service may hold).
+    BulkLoad(BulkLoadArgs),
+}
+
+#[derive(Args, Debug)]
+struct BulkLoadArgs {
+    /// TOML configuration file of the service whose data directory is loaded.
+    #[arg(long, env = "FEEDGRAPH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long, env = "FEEDGRAPH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Number of shards (only when creating a data directory).
+    #[arg(long, env = "FEEDGRAPH_SHARDS")]
+    shards: Option<u32>,
+    /// The file (length-delimited `feedgraph.v1.WriteRequest`s).
+    #[arg(long)]
+    file: PathBuf,
+    /// Pins buffered before the shards' loads are committed (bounds memory).
+    #[arg(long, default_value_t = 1_000_000)]
+    flush_pins: usize,
 }
 
 #[derive(Args, Debug)]
@@ -276,6 +298,9 @@ async fn main() -> std::process::ExitCode {
         Command::Write(args) => write(args).await,
         Command::Scorer(args) => scorer(args).await,
         Command::ExportFeatures(args) => export_features(args).await,
+        Command::BulkLoad(args) => {
+            tokio::task::spawn_blocking(move || bulk_load(args)).await.unwrap_or_else(|e| Err(e.into()))
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -526,6 +551,74 @@ async fn export_features(args: ExportArgs) -> anyhow::Result<()> {
     }
     out.flush()?;
     eprintln!("wrote {rows} rows from {feeds} feeds to {}", args.out.display());
+    Ok(())
+}
+
+fn bulk_load(args: BulkLoadArgs) -> anyhow::Result<()> {
+    use feedgraph_graph_store::BulkLoad;
+    use feedgraph_model::{Mutation, shard_of};
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = &args.data_dir {
+        config.data_dir = v.clone();
+    }
+    if let Some(v) = args.shards {
+        config.shards = v;
+    }
+    config.validate()?;
+    let file = std::fs::File::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?;
+    let mut reader = feedgraph_loadtest::scenario::FileReader::new(std::io::BufReader::new(file));
+    let shards = feedgraph_server::open_shards(&config)?;
+    let n = config.shards;
+    let started = std::time::Instant::now();
+    let mut loads: Vec<BulkLoad> = (0..n).map(|_| BulkLoad::default()).collect();
+    let (mut buffered, mut pins, mut edges, mut requests) = (0usize, 0u64, 0u64, 0u64);
+    let mut flush = |loads: &mut Vec<BulkLoad>| -> anyhow::Result<()> {
+        for (shard, load) in shards.iter().zip(loads.iter_mut()) {
+            let stats = shard.bulk_load(std::mem::take(load), 200_000, &mut |_| {})?;
+            pins += stats.pins_loaded;
+            edges += stats.edges_written;
+        }
+        eprint!(
+            "\rloaded {pins} pins, {edges} edges ({:.0} edges/s)   ",
+            edges as f64 / started.elapsed().as_secs_f64().max(1e-9)
+        );
+        Ok(())
+    };
+    while let Some(request) = reader.next_request()? {
+        for (i, m) in request.mutations.into_iter().enumerate() {
+            let at = || format!("request {requests}, mutation {i}");
+            let m =
+                Mutation::try_from(m).map_err(|e| anyhow::anyhow!("{}: {}: {}", at(), e.field, e.reason))?;
+            match m {
+                Mutation::UpsertUser(u) => loads[shard_of(u.id, n) as usize].users.push(u),
+                Mutation::UpsertBoard(b) => loads[shard_of(b.owner, n) as usize].boards.push(b),
+                Mutation::UpsertPin(p) => {
+                    loads[shard_of(p.owner, n) as usize].pins.push(p);
+                    buffered += 1;
+                }
+                Mutation::Follow { follower, target } => {
+                    loads[shard_of(follower, n) as usize].follows.push((follower, target))
+                }
+                other => bail!("{}: bulk-load takes users, boards, pins and follows, not {other:?}", at()),
+            }
+        }
+        requests += 1;
+        if buffered >= args.flush_pins {
+            flush(&mut loads)?;
+            buffered = 0;
+        }
+    }
+    flush(&mut loads)?;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "\nbulk-loaded {} into {}: {requests} requests, {pins} pins, {edges} edges in {secs:.1} s ({:.0} edges/s)",
+        args.file.display(),
+        config.data_dir.display(),
+        edges as f64 / secs.max(1e-9)
+    );
     Ok(())
 }
 
