@@ -198,6 +198,12 @@ impl Broker {
         self
     }
 
+    /// No query task still holds the shards (lanes that outlived their request's
+    /// deadline finish on the blocking pool).
+    pub fn shards_idle(&self) -> bool {
+        Arc::strong_count(&self.shards) == 1
+    }
+
     pub fn shard_count(&self) -> u32 {
         self.shards.len() as u32
     }

@@ -155,6 +155,15 @@ impl Node {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        // Work still finishing on the blocking pool (a shard lane past its deadline, a
+        // connection's last request) holds the shards and so their RocksDB locks: wait
+        // for it, bounded, so that a restart on the same directory can open them.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while (Arc::strong_count(&self.broker) > 1 || !self.broker.shards_idle())
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         Ok(served?)
     }
 }
