@@ -122,9 +122,31 @@ pub struct Node {
     metrics_addr: SocketAddr,
     broker: Arc<Broker>,
     scorer_registry: Option<Arc<feedgraph_scoring::Registry>>,
-    stops: Vec<oneshot::Sender<()>>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
-    tasks: Vec<JoinHandle<()>>,
+    serving: Serving,
+}
+
+/// A gRPC server and the tasks that live with it (metrics, model reload), stopped
+/// together.
+#[derive(Debug)]
+pub(crate) struct Serving {
+    pub stops: Vec<oneshot::Sender<()>>,
+    pub server: JoinHandle<Result<(), tonic::transport::Error>>,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+impl Serving {
+    /// Signals every stop, lets the server finish its in-flight requests, then waits
+    /// for the tasks.
+    pub async fn stop(self) -> Result<(), Error> {
+        for s in self.stops {
+            let _ = s.send(());
+        }
+        let served = self.server.await.map_err(|e| Error::Task(e.to_string()))?;
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        Ok(served?)
+    }
 }
 
 impl Node {
@@ -147,14 +169,8 @@ impl Node {
     }
 
     /// Stops accepting, lets in-flight requests finish, and stops.
-    pub async fn shutdown(mut self) -> Result<(), Error> {
-        for s in self.stops.drain(..) {
-            let _ = s.send(());
-        }
-        let served = (&mut self.server).await.map_err(|e| Error::Task(e.to_string()))?;
-        for t in self.tasks.drain(..) {
-            let _ = t.await;
-        }
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let served = self.serving.stop().await;
         // Work still finishing on the blocking pool (a shard lane past its deadline, a
         // connection's last request) holds the shards and so their RocksDB locks: wait
         // for it, bounded, so that a restart on the same directory can open them.
@@ -164,7 +180,7 @@ impl Node {
         {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        Ok(served?)
+        served
     }
 }
 
@@ -247,7 +263,7 @@ pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node,
     tracing::info!(%grpc_addr, %metrics_addr, shards = config.shards, model = %config.scorer.model, "feedgraph serving");
     stops.extend([stop, stop_metrics]);
     tasks.push(metrics_task);
-    Ok(Node { grpc_addr, metrics_addr, broker, scorer_registry, stops, server, tasks })
+    Ok(Node { grpc_addr, metrics_addr, broker, scorer_registry, serving: Serving { stops, server, tasks } })
 }
 
 /// HTTP/2 flow-control windows. The default 64 KiB stream window is smaller than one

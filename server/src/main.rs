@@ -355,17 +355,30 @@ fn config_of(args: &ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = config_of(&args)?;
-    if args.check_config {
-        print!("{}", toml::to_string(&config)?);
+/// With `--check-config`, prints the effective configuration and returns `true` (stop
+/// here); otherwise starts logging to stderr with `log` as the filter.
+fn check_or_start_logging(
+    config: &impl serde::Serialize,
+    check_config: bool,
+    log: &str,
+) -> anyhow::Result<bool> {
+    if check_config {
+        print!("{}", toml::to_string(config)?);
         eprintln!("configuration is valid");
-        return Ok(());
+        return Ok(true);
     }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("log filter")?)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(log).context("log filter")?)
         .with_writer(std::io::stderr)
         .init();
+    Ok(false)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = config_of(&args)?;
+    if check_or_start_logging(&config, args.check_config, &config.log)? {
+        return Ok(());
+    }
 
     let cfg = config.clone();
     let demo = args.demo;
@@ -449,15 +462,9 @@ fn scorer_config_of(args: &ScorerArgs) -> anyhow::Result<feedgraph_server::Score
 
 async fn scorer(args: ScorerArgs) -> anyhow::Result<()> {
     let config = scorer_config_of(&args)?;
-    if args.check_config {
-        print!("{}", toml::to_string(&config)?);
-        eprintln!("configuration is valid");
+    if check_or_start_logging(&config, args.check_config, &config.log)? {
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("log filter")?)
-        .with_writer(std::io::stderr)
-        .init();
     let node = feedgraph_server::scorer::start_scorer(config).await?;
     let models = node.registry().list();
     eprintln!(
@@ -482,16 +489,29 @@ async fn scorer(args: ScorerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn export_features(args: ExportArgs) -> anyhow::Result<()> {
-    use feedgraph_model::{FeedRequest, UserId};
-    use feedgraph_retrieval::FeedKind;
-    let mut config = match &args.config {
+/// The configuration of a service whose data directory a command opens directly.
+fn store_config(
+    file: &Option<PathBuf>,
+    data_dir: &Option<PathBuf>,
+    shards: Option<u32>,
+) -> anyhow::Result<Config> {
+    let mut config = match file {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    if let Some(v) = &args.data_dir {
+    if let Some(v) = data_dir {
         config.data_dir = v.clone();
     }
+    if let Some(v) = shards {
+        config.shards = v;
+    }
+    Ok(config)
+}
+
+async fn export_features(args: ExportArgs) -> anyhow::Result<()> {
+    use feedgraph_model::{FeedRequest, UserId};
+    use feedgraph_retrieval::FeedKind;
+    let mut config = store_config(&args.config, &args.data_dir, None)?;
     // Features are exported whatever model the service would use.
     config.scorer = Default::default();
     let broker_config = config.validate()?;
@@ -557,16 +577,7 @@ async fn export_features(args: ExportArgs) -> anyhow::Result<()> {
 fn bulk_load(args: BulkLoadArgs) -> anyhow::Result<()> {
     use feedgraph_graph_store::BulkLoad;
     use feedgraph_model::{Mutation, shard_of};
-    let mut config = match &args.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
-    };
-    if let Some(v) = &args.data_dir {
-        config.data_dir = v.clone();
-    }
-    if let Some(v) = args.shards {
-        config.shards = v;
-    }
+    let config = store_config(&args.config, &args.data_dir, args.shards)?;
     config.validate()?;
     let file = std::fs::File::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?;
     let mut reader = feedgraph_loadtest::scenario::FileReader::new(std::io::BufReader::new(file));

@@ -199,9 +199,7 @@ pub struct ScorerNode {
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
     registry: Arc<Registry>,
-    stops: Vec<oneshot::Sender<()>>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
-    tasks: Vec<JoinHandle<()>>,
+    serving: crate::Serving,
 }
 
 impl ScorerNode {
@@ -218,15 +216,8 @@ impl ScorerNode {
     }
 
     /// Stops accepting, lets in-flight requests finish, and stops.
-    pub async fn shutdown(mut self) -> Result<(), Error> {
-        for s in self.stops.drain(..) {
-            let _ = s.send(());
-        }
-        let served = (&mut self.server).await.map_err(|e| Error::Task(e.to_string()))?;
-        for t in self.tasks.drain(..) {
-            let _ = t.await;
-        }
-        Ok(served?)
+    pub async fn shutdown(self) -> Result<(), Error> {
+        self.serving.stop().await
     }
 }
 
@@ -299,9 +290,11 @@ pub async fn start_scorer(config: crate::config::ScorerServerConfig) -> Result<S
         grpc_addr,
         metrics_addr,
         registry: embedded.registry,
-        stops: vec![stop, stop_metrics, embedded.stop],
-        server,
-        tasks: vec![metrics_task, embedded.reloader],
+        serving: crate::Serving {
+            stops: vec![stop, stop_metrics, embedded.stop],
+            server,
+            tasks: vec![metrics_task, embedded.reloader],
+        },
     })
 }
 

@@ -305,15 +305,17 @@ fn plot(
     Ok(())
 }
 
+/// The graph the target holds (regenerated from its spec) and its viewers by activity.
+async fn graph_and_picker(spec: &GraphSpec) -> anyhow::Result<(feedgraph_loadtest::Graph, Arc<UserPicker>)> {
+    let spec = spec.clone();
+    let graph = tokio::task::spawn_blocking(move || generate(&spec)).await?;
+    let picker = Arc::new(UserPicker::from_graph(&graph)?);
+    Ok((graph, picker))
+}
+
 async fn reads(args: ReadArgs, home: bool) -> anyhow::Result<()> {
     let spec = args.graph.spec();
-    let graph = tokio::task::spawn_blocking({
-        let spec = spec.clone();
-        move || generate(&spec)
-    })
-    .await?;
-    let picker = Arc::new(UserPicker::from_graph(&graph)?);
-    drop(graph);
+    let (_, picker) = graph_and_picker(&spec).await?;
     let target = Target::open(&args.target, Some(&spec)).await?;
     let name = if home { "home" } else { "following" };
     let mut reports = Vec::new();
@@ -344,12 +346,7 @@ type BoxedOutcome = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> 
 
 async fn mixed(args: MixedArgs) -> anyhow::Result<()> {
     let spec = args.graph.spec();
-    let graph = tokio::task::spawn_blocking({
-        let spec = spec.clone();
-        move || generate(&spec)
-    })
-    .await?;
-    let picker = Arc::new(UserPicker::from_graph(&graph)?);
+    let (graph, picker) = graph_and_picker(&spec).await?;
     let boards: Arc<Vec<(u64, u64)>> =
         Arc::new(graph.boards.iter().map(|b| (b.id.get(), b.owner.get())).collect());
     drop(graph);
