@@ -139,8 +139,8 @@ def main():
     gbdt = lgb.train(
         # Depth is capped: the evaluator descends every tree to its full depth
         # (branch-free), so serving cost follows max depth, not leaf count. Measured
-        # on this data: unlimited depth (max 7) AUC 0.7754, depth 4 AUC 0.7745 at 0.6×
-        # the scoring time.
+        # on this data: unlimited depth (max 7) AUC 0.7754, depth 4 AUC 0.7745 at about
+        # 0.4× the scoring time (1,000 rows: p50 1.06 → 0.42 ms).
         {"objective": "binary", "num_leaves": 15, "max_depth": 4, "learning_rate": 0.1, "min_data_in_leaf": 50,
          "feature_fraction": 0.9, "seed": SEED, "deterministic": True, "num_threads": 1,
          "verbose": -1},
