@@ -53,12 +53,37 @@ pub enum Error {
     /// its history diverged (for example a demoted leader) and it must be rebuilt.
     #[error("sequence {since} is ahead of this shard's latest sequence {latest}")]
     AheadOfLog { since: u64, latest: u64 },
+
+    /// A write or transition names an epoch that is not this shard's leader epoch.
+    #[error("epoch {given} is not the current leader epoch {current}")]
+    StaleEpoch { given: u64, current: u64 },
+
+    /// A local write on a replica: replicas apply only batches shipped by their leader.
+    #[error("this shard is a replica: it takes writes only from its leader's log")]
+    ReadOnlyReplica,
+
+    /// A shipped batch offered to a shard that is not a replica.
+    #[error("this shard is a leader: it does not apply shipped batches")]
+    NotReplica,
+
+    /// A shipped batch does not start right after the replica's latest sequence (or
+    /// applying it did not end where the leader's did).
+    #[error("replicated batch: expected sequence {expected}, got {got}")]
+    SequenceMismatch { expected: u64, got: u64 },
+
+    /// A shipped batch is malformed.
+    #[error("replicated batch {0}")]
+    ReplicatedBatch(String),
+
+    /// A follower's log is not a prefix of its leader's: it must be rebuilt.
+    #[error("diverged: {0}")]
+    Diverged(crate::Divergence),
 }
 
 impl Error {
-    pub(crate) fn corrupt(cf: &'static str, key: &[u8], what: &'static str) -> Self {
+    pub(crate) fn corrupt(cf: impl CfName, key: &[u8], what: &'static str) -> Self {
         let key = key.iter().map(|b| format!("{b:02x}")).collect();
-        Error::Corrupt { cf, key, what }
+        Error::Corrupt { cf: cf.cf_name(), key, what }
     }
 
     /// `Ok` when the stored owner is the claimed one; `what` names the object.
@@ -72,3 +97,20 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A column family named in an error.
+pub(crate) trait CfName {
+    fn cf_name(self) -> &'static str;
+}
+
+impl CfName for &'static str {
+    fn cf_name(self) -> &'static str {
+        self
+    }
+}
+
+impl CfName for crate::shard::schema::Cf {
+    fn cf_name(self) -> &'static str {
+        self.name()
+    }
+}

@@ -2,15 +2,23 @@
 //!
 //! Owns: the on-disk schema (column families, key and record layouts), the roaring
 //! bitmap merge operator, pin ordinals, the in-memory pin attributes, the bulk
-//! loader, and the primitives replication is built from (sequence numbers, WAL updates
-//! with gap detection, checkpoints, WAL retention).
+//! loader, and the primitives replication is built from: sequence numbers, WAL updates
+//! with gap detection, applying a shipped batch with the leader's in-memory effects,
+//! leadership epochs with write fences, the log-prefix check, exact checkpoints, WAL
+//! retention and digests.
 //!
 //! Invariants:
-//! - Every pin on a shard has a dense `u32` ordinal, assigned by the shard's single
-//!   writer in arrival order (the bulk loader sorts by creation time first) and written
-//!   in the same `WriteBatch` as the pin. Ordinals are never reused, also across reopen
-//!   and crashes: the next ordinal is recovered from the highest stored pin.
-//! - Every write request is one `WriteBatch`: all of it or none of it.
+//! - Every pin on a shard has a dense `u32` ordinal, assigned by the shard's leader in
+//!   arrival order (the bulk loader sorts by creation time first) and written in the
+//!   same `WriteBatch` as the pin, so replicas are identical. Ordinals are never reused,
+//!   also across reopen and crashes: the next ordinal is recovered from the highest
+//!   stored pin.
+//! - Every write request is one `WriteBatch`: all of it or none of it. Leader writes and
+//!   replicated batches take the same path ([`Shard::apply_replicated`] recovers a
+//!   batch's in-memory effects from the batch itself), and the ordinal watermark
+//!   readers bound their scans by is published last.
+//! - A replica never writes anything of its own: its sequence numbers are the leader's.
+//!   A leader writes only at its epoch; the history of epochs is replicated data.
 //! - Bitmaps (`user_pins`, `board_pins`, `topic_pins`, `filters`, `seen`) are changed
 //!   only by merge operands, so edge writes are blind.
 //! - Unknown ids read as empty values, not errors. A stored value that does not decode
@@ -27,7 +35,8 @@ pub use attrs::{HotAttrs, PinAttributes, PinAttrs};
 pub use error::{Error, Result};
 pub use record::{FilterKind, PinRecord};
 pub use shard::{
-    BulkLoad, BulkLoadStats, BulkProgress, Follows, Shard, ShardOptions, WalBatch, WriteOutcome,
+    BulkLoad, BulkLoadStats, BulkProgress, CommitListener, Digest, Divergence, EpochHistory, EpochStart,
+    Follows, LogPosition, Shard, ShardOptions, StoreMemory, WalBatch, WriteOutcome,
 };
 
 /// Version of the on-disk schema; a shard written by another version refuses to open.

@@ -105,13 +105,23 @@ fn checkpoint_opens_as_a_shard_at_its_sequence() {
 }
 
 #[test]
-fn epoch_is_durable() {
+fn epoch_history_is_durable_and_replicated_data() {
     let dir = tempfile::tempdir().unwrap();
+    let start;
     {
         let shard = Shard::open(dir.path(), &ShardOptions::new(2)).unwrap();
-        assert_eq!(shard.epoch().unwrap(), 0);
-        shard.set_epoch(17).unwrap();
+        assert_eq!(shard.epoch_history().current(), 0);
+        assert_eq!(shard.writable_epoch(), Some(0));
+        shard.write(&[board()], Durability::Buffered).unwrap();
+        start = shard.latest_sequence() + 1;
+        shard.lead(17).unwrap();
+        // The epoch's start is its first write, in the log like any other.
+        assert_eq!(shard.latest_sequence(), start);
+        assert_eq!(shard.updates_since(start - 1, usize::MAX).unwrap().len(), 1);
     }
     let shard = Shard::open(dir.path(), &ShardOptions::new(2)).unwrap();
-    assert_eq!(shard.epoch().unwrap(), 17);
+    let h = shard.epoch_history();
+    assert_eq!(h.current(), 17);
+    assert_eq!((h.epoch_at(start - 1), h.epoch_at(start)), (0, 17));
+    assert_eq!(shard.writable_epoch(), Some(17));
 }

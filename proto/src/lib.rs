@@ -11,6 +11,8 @@
 //! field by its path in the request (`mutations[3].upsert_pin.board_id`), so that a
 //! server can answer `INVALID_ARGUMENT` without writing anything.
 
+pub mod refusal;
+
 use feedgraph_model as model;
 use model::{BoardId, PinId, TopicId, UserId};
 

@@ -4,13 +4,15 @@
 //! top-K per candidate group.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 
 use feedgraph_graph_store::{HotAttrs, Shard};
 use feedgraph_model::{BoardId, PinId, PinSignals, TopicId, UserId};
 use feedgraph_scoring::Expr;
 use roaring::{MultiOps, RoaringBitmap};
+
+use crate::{Error, Result};
 
 /// Where a candidate came from. Following candidates come from followed users and
 /// boards; interest candidates from followed topics and topics of recent engagement.
@@ -49,7 +51,7 @@ pub struct CandidateQuery {
     /// "Now" for ages; fixed per ranking so that pages score identically.
     pub now_ms: i64,
     /// Only ordinals below this (pins created after a ranking's first page are left
-    /// out of its later pages).
+    /// out of its later pages); `None`: below the shard's published watermark.
     pub ordinal_bound: Option<u32>,
 }
 
@@ -76,11 +78,23 @@ pub struct ShardAnswer {
     pub interest: Vec<Candidate>,
     /// Candidates examined.
     pub scanned: u64,
+    /// The ordinal bound the scan used: the query's, or the shard's published
+    /// watermark when the query had none (the ranking's snapshot of this shard).
+    pub watermark: u32,
 }
 
 /// Runs the query on one shard. Blocks on RocksDB (cached bitmaps aside): call it on a
-/// blocking pool.
-pub fn run(shard: &Shard, q: &CandidateQuery) -> Result<ShardAnswer, feedgraph_graph_store::Error> {
+/// blocking pool. A replica whose watermark is below the query's bound has not applied
+/// what the ranking's snapshot holds: [`Error::Behind`].
+pub fn run(shard: &Shard, q: &CandidateQuery) -> Result<ShardAnswer> {
+    // The watermark first: every ordinal below it has its row and bitmap entries in
+    // place (the store publishes it last), so the scan never meets a half-visible pin.
+    let published = shard.next_ordinal();
+    let watermark = match q.ordinal_bound {
+        Some(bound) if bound > published => return Err(Error::Behind { shard: shard.id() }),
+        Some(bound) => bound,
+        None => published,
+    };
     let users = shard.user_pins_cached(&q.users)?;
     let boards = shard.board_pins_cached(&q.boards)?;
     let topics = shard.topic_pins_cached(&q.topics)?;
@@ -91,15 +105,13 @@ pub fn run(shard: &Shard, q: &CandidateQuery) -> Result<ShardAnswer, feedgraph_g
 
     let mut candidates = [&user_set, &board_set, &topic_set, &engaged_set].into_iter().union();
     if candidates.is_empty() {
-        return Ok(ShardAnswer::default());
+        return Ok(ShardAnswer { watermark, ..ShardAnswer::default() });
     }
     for filter in shard.filters_cached()? {
         candidates -= filter.as_ref();
     }
     candidates -= shard.seen(q.viewer)?;
-    if let Some(bound) = q.ordinal_bound {
-        candidates.remove_range(bound..);
-    }
+    candidates.remove_range(watermark..);
 
     let blocked: HashSet<u64> = q.blocked.iter().map(|u| u.get()).collect();
     let viewer = q.viewer.get();
@@ -187,7 +199,28 @@ pub fn run(shard: &Shard, q: &CandidateQuery) -> Result<ShardAnswer, feedgraph_g
             })
             .collect()
     };
-    Ok(ShardAnswer { following: to_candidates(following), interest: to_candidates(interest), scanned })
+    Ok(ShardAnswer {
+        following: to_candidates(following),
+        interest: to_candidates(interest),
+        scanned,
+        watermark,
+    })
+}
+
+/// How often each topic appears on the user's `recent` newest own pins (their saves),
+/// from the user's shard. Blocking.
+pub fn engaged_topic_counts(shard: &Shard, user: UserId, recent: usize) -> Result<Vec<(TopicId, u32)>> {
+    let mut counts: HashMap<TopicId, u32> = HashMap::new();
+    for ordinal in shard.user_pins(user)?.iter().rev().take(recent) {
+        if let Some(rec) = shard.pin_at(ordinal)? {
+            for t in rec.topics {
+                *counts.entry(t).or_default() += 1;
+            }
+        }
+    }
+    let mut out: Vec<(TopicId, u32)> = counts.into_iter().collect();
+    out.sort_unstable();
+    Ok(out)
 }
 
 /// Keeps the `k` best by (score, ordinal); the payload is built only for kept items.

@@ -25,6 +25,14 @@ pub struct Config {
     pub shards: u32,
     /// Log filter (`tracing` env-filter syntax), e.g. `info` or `feedgraph=debug`.
     pub log: String,
+    /// This node's id: its name in the placement, and how it introduces itself to the
+    /// leaders it follows.
+    pub node_id: String,
+    /// Placement file: which node holds which replica of which shard, at which epoch
+    /// (see `docs/placement.example.toml`). Unset: this node holds every shard as a
+    /// standalone leader, without replication.
+    pub placement: Option<PathBuf>,
+    pub replication: ReplicationSettings,
     pub feed: FeedConfig,
     /// Named light-score expressions; requests choose one by name.
     pub rankings: BTreeMap<String, String>,
@@ -181,16 +189,20 @@ pub struct FeedConfig {
     pub default_ranking: String,
 }
 
-/// Per-shard RocksDB settings.
+/// RocksDB settings. The block cache and the memtable cap are one budget for the
+/// whole node, shared by its shards.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// Keep obsolete WAL files this long for followers to catch up, in seconds.
     pub wal_ttl_seconds: u64,
-    /// Cap on retained obsolete WAL files, in MiB.
+    /// Cap on retained obsolete WAL files per shard, in MiB.
     pub wal_size_limit_mb: u64,
-    /// RocksDB block cache per shard, in MiB.
+    /// RocksDB block cache of the whole node, shared by its shards, in MiB.
     pub block_cache_mb: u64,
+    /// All memtables of the node together, in MiB (past it, memtables are flushed
+    /// early).
+    pub write_buffers_total_mb: u64,
     /// Decoded-bitmap cache per shard, in MiB.
     pub bitmap_cache_mb: u64,
     /// Memtable size per column family, in MiB.
@@ -199,13 +211,57 @@ pub struct StoreConfig {
     pub follows_cache_entries: u64,
 }
 
+/// Replication between the replicas of a shard, and how brokers reach other nodes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationSettings {
+    /// How long a follower's request waits at its leader for a new write, in ms (the
+    /// long poll: an idle follower asks this often; a write is shipped at once).
+    pub poll_wait_ms: u64,
+    /// WAL bytes a leader sends per answer, about, in KiB.
+    pub max_batch_kb: u64,
+    /// How long an `ACK_SEMI_SYNC` write waits for a follower to apply it, in ms.
+    pub semi_sync_timeout_ms: u64,
+    /// Checkpoint stream chunk, in KiB.
+    pub checkpoint_chunk_kb: u64,
+    /// How long a leader keeps an unused checkpoint for a follower to resume, in s.
+    pub checkpoint_ttl_s: u64,
+    /// A follower further behind than this (ms since the leader committed what it
+    /// applies) is logged.
+    pub lag_warn_ms: u64,
+    /// How often the broker asks the placement's nodes for their replicas' roles, in
+    /// ms (a moved leader is also learnt at once from a refused write).
+    pub map_refresh_ms: u64,
+    /// Timeout of a point read or write sent to another node, in ms (a semi-sync write
+    /// adds `semi_sync_timeout_ms`).
+    pub remote_timeout_ms: u64,
+}
+
+impl Default for ReplicationSettings {
+    fn default() -> Self {
+        Self {
+            poll_wait_ms: 500,
+            max_batch_kb: 4096,
+            semi_sync_timeout_ms: 1000,
+            checkpoint_chunk_kb: 1024,
+            checkpoint_ttl_s: 600,
+            lag_warn_ms: 5000,
+            map_refresh_ms: 1000,
+            remote_timeout_ms: 2000,
+        }
+    }
+}
+
 /// Fault injection for tests and drills. Never set in production.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DebugConfig {
-    /// Extra latency added to each candidate query of a shard, in milliseconds, keyed
-    /// by shard number (`{ "3" = 500 }`).
+    /// Extra latency added to each candidate query this node serves for a shard, in
+    /// milliseconds, keyed by shard number (`{ "3" = 500 }`).
     pub shard_delays_ms: BTreeMap<String, u64>,
+    /// The first checkpoint stream this node serves breaks after this many bytes
+    /// (drills of resumption).
+    pub break_checkpoint_after_bytes: Option<u64>,
 }
 
 impl Default for Config {
@@ -220,6 +276,9 @@ impl Default for Config {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9878)),
             shards: 16,
             log: "info".into(),
+            node_id: "node-1".into(),
+            placement: None,
+            replication: ReplicationSettings::default(),
             feed: FeedConfig::default(),
             rankings,
             store: StoreConfig::default(),
@@ -254,7 +313,8 @@ impl Default for StoreConfig {
         Self {
             wal_ttl_seconds: 3600,
             wal_size_limit_mb: 1024,
-            block_cache_mb: 32,
+            block_cache_mb: 512,
+            write_buffers_total_mb: 1024,
             bitmap_cache_mb: 32,
             write_buffer_mb: 16,
             follows_cache_entries: 100_000,
@@ -291,6 +351,46 @@ impl Config {
         let f = &self.feed;
         if self.shards == 0 || self.shards > 4096 {
             return Err(invalid("shards", "must be in 1..=4096"));
+        }
+        if self.node_id.is_empty()
+            || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid("node_id", "must be non-empty letters, digits, `-`, `_` or `.`"));
+        }
+        if let Some(path) = &self.placement {
+            let p = feedgraph_cluster::Placement::from_file(path)
+                .map_err(|e| invalid("placement", e.to_string()))?;
+            if p.shard_count != self.shards {
+                return Err(invalid(
+                    "placement",
+                    format!("the placement has {} shards, the configuration {}", p.shard_count, self.shards),
+                ));
+            }
+            if p.address(&self.node_id).is_none() {
+                return Err(invalid("node_id", format!("`{}` is not a node of the placement", self.node_id)));
+            }
+        }
+        let r = &self.replication;
+        for (name, v) in [
+            ("replication.poll_wait_ms", r.poll_wait_ms),
+            ("replication.max_batch_kb", r.max_batch_kb),
+            ("replication.semi_sync_timeout_ms", r.semi_sync_timeout_ms),
+            ("replication.checkpoint_chunk_kb", r.checkpoint_chunk_kb),
+            ("replication.map_refresh_ms", r.map_refresh_ms),
+            ("replication.remote_timeout_ms", r.remote_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(name, "must be at least 1"));
+            }
+        }
+        if r.checkpoint_chunk_kb > 16 << 10 {
+            return Err(invalid("replication.checkpoint_chunk_kb", "must be at most 16384"));
+        }
+        if self.store.block_cache_mb == 0 || self.store.write_buffers_total_mb == 0 {
+            return Err(invalid(
+                "store.block_cache_mb",
+                "the block cache and write_buffers_total_mb need at least 1 MiB",
+            ));
         }
         if f.max_page_size == 0 || f.max_page_size > 1000 {
             return Err(invalid("feed.max_page_size", "must be in 1..=1000"));
@@ -357,17 +457,44 @@ impl Config {
         })
     }
 
-    /// The shard options for shard `id`.
-    pub fn shard_options(&self, id: u32) -> feedgraph_graph_store::ShardOptions {
+    /// The node's RocksDB memory budget (one per process: every shard shares it).
+    pub fn store_memory(&self) -> feedgraph_graph_store::StoreMemory {
+        feedgraph_graph_store::StoreMemory::new(
+            (self.store.block_cache_mb << 20) as usize,
+            (self.store.write_buffers_total_mb << 20) as usize,
+        )
+    }
+
+    /// The shard options for shard `id`, sharing `memory` with the node's other shards.
+    pub fn shard_options(
+        &self,
+        id: u32,
+        memory: &feedgraph_graph_store::StoreMemory,
+    ) -> feedgraph_graph_store::ShardOptions {
         let s = &self.store;
         feedgraph_graph_store::ShardOptions {
+            shard_id: id,
             wal_ttl_seconds: s.wal_ttl_seconds,
             wal_size_limit_mb: s.wal_size_limit_mb,
-            block_cache_bytes: (s.block_cache_mb << 20) as usize,
+            memory: memory.clone(),
             write_buffer_bytes: (s.write_buffer_mb.max(1) << 20) as usize,
+            background_jobs: 2,
             bitmap_cache_bytes: s.bitmap_cache_mb << 20,
             follows_cache_entries: s.follows_cache_entries,
-            ..feedgraph_graph_store::ShardOptions::new(id)
+        }
+    }
+
+    /// Replication settings for the node's replicas.
+    pub fn replication_config(&self) -> feedgraph_cluster::ReplicationConfig {
+        let r = &self.replication;
+        feedgraph_cluster::ReplicationConfig {
+            poll_wait: Duration::from_millis(r.poll_wait_ms),
+            max_batch_bytes: (r.max_batch_kb << 10) as usize,
+            semi_sync_timeout: Duration::from_millis(r.semi_sync_timeout_ms),
+            checkpoint_chunk_bytes: (r.checkpoint_chunk_kb << 10) as usize,
+            checkpoint_ttl: Duration::from_secs(r.checkpoint_ttl_s),
+            lag_warn: Duration::from_millis(r.lag_warn_ms),
+            break_checkpoint_after_bytes: self.debug.break_checkpoint_after_bytes,
         }
     }
 }

@@ -1,30 +1,40 @@
-//! The `feedgraph` service: one process holding local shards, the broker and light
-//! scoring, served over gRPC; and the ML scorer, embedded or standalone
-//! (`feedgraph scorer`).
+//! The `feedgraph` service: a node holding shard replicas (all of them as standalone
+//! leaders by default, or those a placement gives it), the broker over local and
+//! remote shards, light scoring, served over gRPC; and the ML scorer, embedded or
+//! standalone (`feedgraph scorer`).
 //!
 //! Owns: configuration ([`config`]: TOML file → env → CLI, validated at start-up), the
-//! wiring of shards and broker into [`start`] / [`run`], the thin gRPC adapters
-//! ([`service`]: proto ↔ domain, errors ↔ `tonic::Status` in one exhaustive mapping),
-//! gRPC health and reflection, Prometheus metrics ([`metrics`]), the scorer service,
-//! its client and the model reload loop ([`scorer`]), and the demo graph and models
-//! ([`demo`]). `main.rs` only parses the command line and calls into this crate, so
-//! tests start real nodes in-process through the same [`start`].
+//! wiring of replicas, directory and broker into [`start`] / [`run`], the thin gRPC
+//! adapters ([`service`]: proto ↔ domain, errors ↔ `tonic::Status` in one exhaustive
+//! mapping; [`shard_service`]: the shard data plane for other nodes' brokers), the
+//! remote shard client ([`remote`]) and the node's shard directory ([`routing`]), the
+//! internal wire conversions ([`wire`]), gRPC health and reflection, Prometheus metrics
+//! ([`metrics`]), the scorer service, its client and the model reload loop
+//! ([`scorer`]), and the demo graph and models ([`demo`]). `main.rs` only parses the
+//! command line and calls into this crate, so tests start real nodes in-process
+//! through the same [`start`].
 //!
 //! Invariants: the async executor never blocks — shards are opened, written and
 //! queried on the blocking pool; a data directory keeps the shard count it was created
 //! with; cursors are signed with a key stored in the data directory, so they survive
-//! restarts.
+//! restarts (every node of a cluster needs the same key for cursors to move between
+//! brokers).
 
 pub mod config;
 pub mod demo;
 pub mod metrics;
+pub mod remote;
+pub mod routing;
 pub mod scorer;
 pub mod service;
+pub mod shard_service;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use feedgraph_cluster::{NodeSetup, Placement, Replicas};
 use feedgraph_graph_store::Shard;
 use feedgraph_proto::pb;
 use feedgraph_retrieval::Broker;
@@ -57,6 +67,8 @@ pub enum Error {
     Task(String),
     #[error("scorer: {0}")]
     Scorer(String),
+    #[error("replicas: {0}")]
+    Cluster(#[from] feedgraph_cluster::Error),
 }
 
 pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -67,9 +79,9 @@ pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Erro
 const SHARD_COUNT_FILE: &str = "SHARDS";
 const CURSOR_KEY_FILE: &str = "cursor.key";
 
-/// Opens (creating if needed) the data directory's shards, checking that it was made
-/// with the configured shard count. Blocking.
-pub fn open_shards(config: &Config) -> Result<Vec<Arc<Shard>>, Error> {
+/// Creates the data directory if needed and checks that it was made with the
+/// configured shard count (placement depends on it). Blocking.
+fn check_data_dir(config: &Config) -> Result<(), Error> {
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     let count_file = dir.join(SHARD_COUNT_FILE);
@@ -93,9 +105,30 @@ pub fn open_shards(config: &Config) -> Result<Vec<Arc<Shard>>, Error> {
         }
         Err(e) => return Err(io(format!("reading {}", count_file.display()))(e)),
     }
-    (0..config.shards)
-        .map(|i| Ok(Arc::new(Shard::open(dir.join(format!("shard-{i:03}")), &config.shard_options(i))?)))
-        .collect()
+    Ok(())
+}
+
+/// Opens (creating if needed) every shard of the data directory as a standalone
+/// leader, sharing one RocksDB memory budget, after checking that the directory was
+/// made with the configured shard count. Blocking.
+pub fn open_shards(config: &Config) -> Result<Vec<Arc<Shard>>, Error> {
+    check_data_dir(config)?;
+    let memory = config.store_memory();
+    let started = std::time::Instant::now();
+    let shards: Vec<Arc<Shard>> = (0..config.shards)
+        .map(|i| {
+            let path = config.data_dir.join(format!("shard-{i:03}"));
+            Ok(Arc::new(Shard::open(path, &config.shard_options(i, &memory))?))
+        })
+        .collect::<Result<_, Error>>()?;
+    let pins: u64 = shards.iter().map(|s| u64::from(s.next_ordinal())).sum();
+    tracing::info!(
+        shards = shards.len(),
+        pins,
+        seconds = started.elapsed().as_secs_f64(),
+        "shards opened (attribute rows rebuilt)"
+    );
+    Ok(shards)
 }
 
 /// The key cursors are signed with: read from the data directory, created on first use.
@@ -114,6 +147,12 @@ fn cursor_key(dir: &Path) -> Result<[u8; 32], Error> {
     }
 }
 
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Task(e.to_string()))?
+}
+
 /// A running node. Dropping it without [`Node::shutdown`] leaves the servers running
 /// until the runtime stops.
 #[derive(Debug)]
@@ -121,6 +160,8 @@ pub struct Node {
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
     broker: Arc<Broker>,
+    replicas: Arc<Replicas>,
+    directory: Arc<routing::ClusterDirectory>,
     scorer_registry: Option<Arc<feedgraph_scoring::Registry>>,
     serving: Serving,
 }
@@ -163,46 +204,124 @@ impl Node {
         &self.broker
     }
 
+    /// The replicas this node holds, for in-process use (tests, benchmarks).
+    pub fn replicas(&self) -> &Arc<Replicas> {
+        &self.replicas
+    }
+
+    /// The node's view of where every shard's replicas are.
+    pub fn directory(&self) -> &Arc<routing::ClusterDirectory> {
+        &self.directory
+    }
+
     /// The in-process model registry, when this node serves `scorer.model_dir`.
     pub fn scorer_registry(&self) -> Option<&Arc<feedgraph_scoring::Registry>> {
         self.scorer_registry.as_ref()
     }
 
-    /// Stops accepting, lets in-flight requests finish, and stops.
+    /// Stops accepting, lets in-flight requests finish, stops replication, and waits
+    /// (bounded) until nothing else holds the node's stores, so that a restart on the
+    /// same directory can open them.
     pub async fn shutdown(self) -> Result<(), Error> {
-        let served = self.serving.stop().await;
-        // Work still finishing on the blocking pool (a shard lane past its deadline, a
-        // connection's last request) holds the shards and so their RocksDB locks: wait
-        // for it, bounded, so that a restart on the same directory can open them.
+        let Node { broker, replicas, directory, serving, .. } = self;
+        let served = serving.stop().await;
+        replicas.shutdown().await;
+        // Work still finishing on the blocking pool (a shard lane past its deadline)
+        // holds stores and so their RocksDB locks.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while (Arc::strong_count(&self.broker) > 1 || !self.broker.shards_idle())
+        while (Arc::strong_count(&broker) > 1 || !broker.shards_idle() || Arc::strong_count(&replicas) > 2)
             && std::time::Instant::now() < deadline
         {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+        drop((broker, directory));
         served
     }
 }
 
-/// Opens the shards, then serves gRPC (with health and reflection) and metrics.
+/// Opens the node's replicas (every shard standalone, or the placement's), then serves
+/// gRPC (with health and reflection) and metrics.
 pub async fn start(config: Config) -> Result<Node, Error> {
     config.validate()?;
-    let cfg = config.clone();
-    let shards = tokio::task::spawn_blocking(move || open_shards(&cfg))
-        .await
-        .map_err(|e| Error::Task(e.to_string()))??;
-    start_with(config, shards).await
+    match &config.placement {
+        None => {
+            let cfg = config.clone();
+            let shards = blocking(move || open_shards(&cfg)).await?;
+            start_with(config, shards).await
+        }
+        Some(path) => {
+            let placement = Placement::from_file(path)?;
+            start_placed(config, placement).await
+        }
+    }
 }
 
-/// Serves already opened shards (see [`open_shards`]).
+fn bind(config: &Config) -> Result<tonic::transport::server::TcpIncoming, Error> {
+    // tonic ignores the builder's nodelay with a custom incoming: set it here.
+    Ok(tonic::transport::server::TcpIncoming::bind(config.listen)
+        .map_err(io(format!("binding gRPC on {}", config.listen)))?
+        .with_nodelay(Some(true)))
+}
+
+fn node_setup(config: &Config, address: String, memory: feedgraph_graph_store::StoreMemory) -> NodeSetup {
+    let (cfg, mem) = (config.clone(), memory.clone());
+    NodeSetup {
+        node_id: config.node_id.clone(),
+        address,
+        shard_count: config.shards,
+        data_dir: config.data_dir.clone(),
+        options: Arc::new(move |shard| cfg.shard_options(shard, &mem)),
+        memory,
+        replication: config.replication_config(),
+    }
+}
+
+/// Serves already opened shards (see [`open_shards`]) as a standalone node: every
+/// shard a local leader at its epoch (unless a replica remembers another role).
 pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node, Error> {
+    config.validate()?;
+    let incoming = bind(&config)?;
+    let grpc_addr = incoming.local_addr().map_err(io("gRPC listener address"))?;
+    let memory = shards.first().map_or_else(|| config.store_memory(), |s| s.memory().clone());
+    let replicas = Replicas::standalone(node_setup(&config, grpc_addr.to_string(), memory), shards).await?;
+    serve(config, replicas, None, incoming).await
+}
+
+/// A node of a placement: it holds the replicas the placement gives it.
+async fn start_placed(config: Config, placement: Placement) -> Result<Node, Error> {
+    let cfg = config.clone();
+    blocking(move || check_data_dir(&cfg)).await?;
+    let incoming = bind(&config)?;
+    let address = placement
+        .address(&config.node_id)
+        .ok_or_else(|| Error::DataDir(format!("node `{}` is not in the placement", config.node_id)))?
+        .to_owned();
+    let replicas = Replicas::placed(node_setup(&config, address, config.store_memory()), &placement).await?;
+    tracing::info!(node = %config.node_id, replicas = ?replicas.shard_ids(), "replicas placed");
+    serve(config, replicas, Some(placement), incoming).await
+}
+
+async fn serve(
+    config: Config,
+    replicas: Arc<Replicas>,
+    placement: Option<Placement>,
+    incoming: tonic::transport::server::TcpIncoming,
+) -> Result<Node, Error> {
     let broker_config = config.validate()?;
+    let grpc_addr = incoming.local_addr().map_err(io("gRPC listener address"))?;
     let dir = config.data_dir.clone();
-    let key = tokio::task::spawn_blocking(move || cursor_key(&dir))
-        .await
-        .map_err(|e| Error::Task(e.to_string()))??;
+    let key = blocking(move || cursor_key(&dir)).await?;
     let metrics = Arc::new(metrics::Metrics::new()?);
-    let mut broker = Broker::new(shards, broker_config, key)?;
+    metrics.watch_replicas(replicas.clone());
+    let r = &config.replication;
+    let directory = Arc::new(routing::ClusterDirectory::new(
+        replicas.clone(),
+        placement.as_ref(),
+        std::time::Duration::from_millis(r.remote_timeout_ms),
+        std::time::Duration::from_millis(r.semi_sync_timeout_ms),
+    ));
+    let delays = broker_config.shard_delays.clone();
+    let mut broker = Broker::with_directory(directory.clone(), broker_config, key)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     let sc = &config.scorer;
     let embedded = match &sc.model_dir {
@@ -226,15 +345,18 @@ pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node,
         broker = broker.with_scorer(Arc::new(scorer::RemoteScorer::new(endpoint)?));
     }
     let broker = Arc::new(broker);
+    use feedgraph_cluster::service::{AdminApi, ReplicationApi};
+    use pb::internal::{
+        admin_service_server::AdminServiceServer, replication_service_server::ReplicationServiceServer,
+        shard_service_server::ShardServiceServer,
+    };
     health.set_serving::<pb::v1::graph_service_server::GraphServiceServer<service::GraphApi>>().await;
     health.set_serving::<pb::v1::feed_service_server::FeedServiceServer<service::FeedApi>>().await;
+    health.set_serving::<ShardServiceServer<shard_service::ShardApi>>().await;
+    health.set_serving::<ReplicationServiceServer<ReplicationApi>>().await;
+    health.set_serving::<AdminServiceServer<AdminApi>>().await;
     let reflection = reflection()?;
 
-    // tonic ignores the builder's nodelay with a custom incoming: set it here.
-    let incoming = tonic::transport::server::TcpIncoming::bind(config.listen)
-        .map_err(io(format!("binding gRPC on {}", config.listen)))?
-        .with_nodelay(Some(true));
-    let grpc_addr = incoming.local_addr().map_err(io("gRPC listener address"))?;
     let metrics_listener = metrics::bind(config.metrics_listen)
         .await
         .map_err(io(format!("binding metrics on {}", config.metrics_listen)))?;
@@ -242,6 +364,8 @@ pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node,
 
     let graph = service::GraphApi { broker: broker.clone(), metrics: metrics.clone() };
     let feed = service::FeedApi { broker: broker.clone(), metrics: metrics.clone() };
+    let shard = shard_service::ShardApi::new(replicas.clone(), metrics.clone(), delays);
+    let max = feedgraph_cluster::net::MAX_MESSAGE_BYTES;
     let (stop, stopped) = oneshot::channel::<()>();
     let (scorer_service, scorer_registry, mut stops, mut tasks) = match embedded {
         Some(e) => (Some(e.service), Some(e.registry), vec![e.stop], vec![e.reloader]),
@@ -252,6 +376,9 @@ pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node,
         .add_service(reflection)
         .add_service(pb::v1::graph_service_server::GraphServiceServer::new(graph))
         .add_service(pb::v1::feed_service_server::FeedServiceServer::new(feed))
+        .add_service(ShardServiceServer::new(shard).max_decoding_message_size(max))
+        .add_service(ReplicationServiceServer::new(ReplicationApi { replicas: replicas.clone() }))
+        .add_service(AdminServiceServer::new(AdminApi { replicas: replicas.clone() }))
         .add_optional_service(scorer_service);
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stopped.await;
@@ -260,10 +387,32 @@ pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node,
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, async {
         let _ = metrics_stopped.await;
     }));
-    tracing::info!(%grpc_addr, %metrics_addr, shards = config.shards, model = %config.scorer.model, "feedgraph serving");
-    stops.extend([stop, stop_metrics]);
+    let (stop_refresh, refresh_stopped) = oneshot::channel::<()>();
+    if let Some(t) =
+        directory.spawn_refresh(std::time::Duration::from_millis(r.map_refresh_ms), refresh_stopped)
+    {
+        tasks.push(t);
+    }
+    tracing::info!(
+        %grpc_addr,
+        %metrics_addr,
+        node = %config.node_id,
+        shards = config.shards,
+        replicas = replicas.shard_ids().len(),
+        model = %config.scorer.model,
+        "feedgraph serving"
+    );
+    stops.extend([stop, stop_metrics, stop_refresh]);
     tasks.push(metrics_task);
-    Ok(Node { grpc_addr, metrics_addr, broker, scorer_registry, serving: Serving { stops, server, tasks } })
+    Ok(Node {
+        grpc_addr,
+        metrics_addr,
+        broker,
+        replicas,
+        directory,
+        scorer_registry,
+        serving: Serving { stops, server, tasks },
+    })
 }
 
 /// HTTP/2 flow-control windows. The default 64 KiB stream window is smaller than one

@@ -33,6 +33,57 @@ enum Command {
     /// Bulk-load a graph file written by `feedgraph-load ingest --out` into a data
     /// directory (which no running service may hold).
     BulkLoad(BulkLoadArgs),
+    /// Shard replicas of running nodes: status, role transitions, checkpoints.
+    Shard(ShardArgs),
+}
+
+#[derive(Args, Debug)]
+struct ShardArgs {
+    #[command(subcommand)]
+    what: ShardCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ShardCommand {
+    /// Every replica of the nodes: role, epoch, applied sequence, leader, lag, bytes/s.
+    Status {
+        /// Node addresses (repeatable); with --placement, every node of it.
+        #[arg(long, env = "FEEDGRAPH_ADDR", default_value = "127.0.0.1:7878")]
+        addr: Vec<String>,
+        /// A placement file: ask each of its nodes.
+        #[arg(long)]
+        placement: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a node's replica of a shard to OFFLINE, FOLLOWER (of --leader) or LEADER,
+    /// under an epoch (never older than one the replica accepted).
+    Transition {
+        /// The node.
+        #[arg(long, env = "FEEDGRAPH_ADDR", default_value = "127.0.0.1:7878")]
+        addr: String,
+        #[arg(long)]
+        shard: u32,
+        /// `leader`, `follower` or `offline`.
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value_t = 0)]
+        epoch: u64,
+        /// For `follower`: the leader's host:port.
+        #[arg(long)]
+        leader: Option<String>,
+    },
+    /// Write a RocksDB checkpoint of a shard into a directory on the node.
+    Checkpoint {
+        #[arg(long, env = "FEEDGRAPH_ADDR", default_value = "127.0.0.1:7878")]
+        addr: String,
+        #[arg(long)]
+        shard: u32,
+        /// A directory on the node that does not exist yet.
+        #[arg(long)]
+        dir: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -133,6 +184,13 @@ struct ServeArgs {
     /// Log filter, e.g. `info` or `feedgraph=debug`.
     #[arg(long, env = "FEEDGRAPH_LOG")]
     log: Option<String>,
+    /// This node's id in the placement.
+    #[arg(long, env = "FEEDGRAPH_NODE_ID")]
+    node_id: Option<String>,
+    /// Placement file: which node holds which replica of which shard (unset: every
+    /// shard here, standalone).
+    #[arg(long, env = "FEEDGRAPH_PLACEMENT")]
+    placement: Option<PathBuf>,
     /// Serve this model directory in-process (the ML scorer).
     #[arg(long, env = "FEEDGRAPH_MODEL_DIR", conflicts_with = "scorer")]
     model_dir: Option<PathBuf>,
@@ -301,6 +359,7 @@ async fn main() -> std::process::ExitCode {
         Command::BulkLoad(args) => {
             tokio::task::spawn_blocking(move || bulk_load(args)).await.unwrap_or_else(|e| Err(e.into()))
         }
+        Command::Shard(args) => shard(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -332,6 +391,17 @@ fn config_of(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = &args.log {
         config.log = v.clone();
+    }
+    if let Some(v) = &args.node_id {
+        config.node_id = v.clone();
+    }
+    if let Some(v) = &args.placement {
+        config.placement = Some(v.clone());
+    }
+    if args.demo && config.placement.is_some() {
+        bail!(
+            "--demo serves a standalone node; load the demo graph into the leaders instead (see README: Replicas)"
+        );
     }
     if let Some(v) = &args.model_dir {
         config.scorer.model_dir = Some(v.clone());
@@ -377,6 +447,22 @@ fn check_or_start_logging(
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = config_of(&args)?;
     if check_or_start_logging(&config, args.check_config, &config.log)? {
+        return Ok(());
+    }
+    if config.placement.is_some() {
+        let node = feedgraph_server::start(config.clone()).await?;
+        let addr = node.grpc_addr();
+        eprintln!(
+            "feedgraph node `{}` serving gRPC on {addr}, metrics on http://{}/metrics; replicas of shards {:?}",
+            config.node_id,
+            node.metrics_addr(),
+            node.replicas().shard_ids()
+        );
+        let exe =
+            std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "feedgraph".into());
+        eprintln!("  {exe} shard status --addr {addr}");
+        shutdown_signal().await;
+        node.shutdown().await?;
         return Ok(());
     }
 
@@ -842,8 +928,11 @@ async fn write(args: WriteArgs) -> anyhow::Result<()> {
     match client.write(request).await {
         Ok(r) => {
             let r = r.into_inner();
-            let commits: Vec<String> =
-                r.commits.iter().map(|c| format!("shard {} at sequence {}", c.shard, c.sequence)).collect();
+            let commits: Vec<String> = r
+                .commits
+                .iter()
+                .map(|c| format!("shard {} at sequence {} (epoch {})", c.shard, c.sequence, c.epoch))
+                .collect();
             println!("applied {} mutation(s): {}", r.applied, commits.join(", "));
             Ok(())
         }
@@ -862,4 +951,160 @@ fn target(f: &FollowArgs) -> anyhow::Result<pb::FollowTarget> {
         _ => bail!("name exactly one of --user-id, --board (with --board-owner), --topic"),
     };
     Ok(pb::FollowTarget { target: Some(t) })
+}
+
+async fn admin_client(
+    addr: &str,
+) -> anyhow::Result<
+    feedgraph_proto::pb::internal::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint(addr))?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    Ok(feedgraph_proto::pb::internal::admin_service_client::AdminServiceClient::new(channel))
+}
+
+fn role_name(v: i32) -> &'static str {
+    use feedgraph_proto::pb::internal::ReplicaRole;
+    match ReplicaRole::try_from(v) {
+        Ok(ReplicaRole::Leader) => "leader",
+        Ok(ReplicaRole::Follower) => "follower",
+        Ok(ReplicaRole::Offline) => "offline",
+        _ => "unknown",
+    }
+}
+
+async fn shard(args: ShardArgs) -> anyhow::Result<()> {
+    use feedgraph_proto::pb::internal as ipb;
+    match args.what {
+        ShardCommand::Status { addr, placement, json } => {
+            let addrs: Vec<String> = match placement {
+                Some(p) => feedgraph_cluster::Placement::from_file(&p)?.nodes.into_values().collect(),
+                None => addr,
+            };
+            let mut nodes = Vec::new();
+            for a in &addrs {
+                let answer = match admin_client(a).await {
+                    Ok(mut c) => c
+                        .list_replicas(ipb::ListReplicasRequest {})
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message())),
+                    Err(e) => Err(e),
+                };
+                nodes.push((a.clone(), answer));
+            }
+            if json {
+                let out: Vec<serde_json::Value> = nodes.iter().map(|(a, r)| match r {
+                    Ok(l) => serde_json::json!({
+                        "address": a, "node": l.node, "shard_count": l.shard_count,
+                        "block_cache_bytes": l.block_cache_bytes, "write_buffer_bytes": l.write_buffer_bytes,
+                        "replicas": l.replicas.iter().map(|r| serde_json::json!({
+                            "shard": r.shard, "role": role_name(r.role), "epoch": r.epoch,
+                            "applied_sequence": r.applied_sequence, "pins": r.pins, "leader": r.leader,
+                            "leader_sequence": r.leader_sequence, "lag_sequences": r.lag_sequences, "lag_ms": r.lag_ms,
+                            "applied_bytes_per_sec": r.applied_bytes_per_sec, "applied_bytes_total": r.applied_bytes_total,
+                            "readable": r.readable, "state": r.state,
+                            "followers": r.followers.iter().map(|f| serde_json::json!({"node": f.node, "applied_sequence": f.applied_sequence})).collect::<Vec<_>>(),
+                            "wal_gaps": r.wal_gaps, "rebuilds": r.rebuilds, "stale_epoch_refusals": r.stale_epoch_refusals,
+                            "checkpoint_resumes": r.checkpoint_resumes, "semi_sync_timeouts": r.semi_sync_timeouts,
+                        })).collect::<Vec<_>>(),
+                    }),
+                    Err(e) => serde_json::json!({"address": a, "error": e.to_string()}),
+                }).collect();
+                println!("{}", serde_json::Value::Array(out));
+                return Ok(());
+            }
+            for (a, r) in &nodes {
+                let l = match r {
+                    Ok(l) => l,
+                    Err(e) => {
+                        println!("node at {a}: UNREACHABLE ({e:#})\n");
+                        continue;
+                    }
+                };
+                println!(
+                    "node {} at {a}: {} replicas of {} shards; block cache {:.1} of {:.0} MB, memtables {:.1} of {:.0} MB",
+                    l.node,
+                    l.replicas.len(),
+                    l.shard_count,
+                    l.block_cache_bytes as f64 / 1e6,
+                    l.block_cache_capacity as f64 / 1e6,
+                    l.write_buffer_bytes as f64 / 1e6,
+                    l.write_buffer_capacity as f64 / 1e6
+                );
+                println!(
+                    "{:>5}  {:<8}  {:>5}  {:>10}  {:<21}  {:>7}  {:>7}  {:>8}  state",
+                    "shard", "role", "epoch", "applied", "leader", "lag seq", "lag ms", "MB/s in"
+                );
+                for r in &l.replicas {
+                    let follower = role_name(r.role) == "follower";
+                    let followers: Vec<String> =
+                        r.followers.iter().map(|f| format!("{}@{}", f.node, f.applied_sequence)).collect();
+                    let mut state = r.state.clone();
+                    if !followers.is_empty() {
+                        state = format!("{state}; followers {}", followers.join(" "));
+                    }
+                    if !r.readable {
+                        state = format!("{state}; NOT READABLE");
+                    }
+                    println!(
+                        "{:>5}  {:<8}  {:>5}  {:>10}  {:<21}  {:>7}  {:>7}  {:>8}  {state}",
+                        r.shard,
+                        role_name(r.role),
+                        r.epoch,
+                        r.applied_sequence,
+                        if follower { r.leader.as_str() } else { "-" },
+                        if follower { r.lag_sequences.to_string() } else { "-".into() },
+                        if follower { r.lag_ms.to_string() } else { "-".into() },
+                        if follower { format!("{:.2}", r.applied_bytes_per_sec / 1e6) } else { "-".into() },
+                    );
+                }
+                println!();
+            }
+            Ok(())
+        }
+        ShardCommand::Transition { addr, shard, role, epoch, leader } => {
+            let target = match role.as_str() {
+                "leader" => ipb::ReplicaRole::Leader,
+                "follower" => ipb::ReplicaRole::Follower,
+                "offline" => ipb::ReplicaRole::Offline,
+                other => bail!("--role must be leader, follower or offline, not {other}"),
+            };
+            let mut client = admin_client(&addr).await?;
+            let r = client
+                .transition_replica(ipb::TransitionReplicaRequest {
+                    shard,
+                    target: target as i32,
+                    epoch,
+                    leader: leader.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            let s = r.status.unwrap_or_default();
+            println!(
+                "shard {} on {addr}: {} at epoch {}{} (applied sequence {}, {})",
+                s.shard,
+                role_name(s.role),
+                s.epoch,
+                if s.leader.is_empty() { String::new() } else { format!(", following {}", s.leader) },
+                s.applied_sequence,
+                s.state
+            );
+            Ok(())
+        }
+        ShardCommand::Checkpoint { addr, shard, dir } => {
+            let mut client = admin_client(&addr).await?;
+            let r = client
+                .create_checkpoint(ipb::CreateCheckpointRequest { shard, directory: dir })
+                .await
+                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            println!("checkpoint of shard {shard} at sequence {} in {} (on {addr})", r.sequence, r.directory);
+            Ok(())
+        }
+    }
 }

@@ -1,12 +1,16 @@
 //! Prometheus metrics and the `/metrics` HTTP endpoint.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+use feedgraph_cluster::{Replicas, Role};
 
 use feedgraph_retrieval::{FeedPage, Scoring};
 use feedgraph_scoring::ReloadReport;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -22,6 +26,139 @@ pub struct Metrics {
     feed_scoring: IntCounterVec,
     model_loads: IntCounterVec,
     model_version: IntGaugeVec,
+    replicas: OnceLock<Arc<Replicas>>,
+    replica: ReplicaMetrics,
+}
+
+/// Replica state per shard, and the node's RocksDB memory: read from the replicas when
+/// `/metrics` is scraped.
+#[derive(Debug)]
+struct ReplicaMetrics {
+    role: IntGaugeVec,
+    epoch: IntGaugeVec,
+    applied_sequence: IntGaugeVec,
+    lag_sequences: IntGaugeVec,
+    lag_ms: IntGaugeVec,
+    readable: IntGaugeVec,
+    applied_bytes_per_second: GaugeVec,
+    applied_bytes: IntCounterVec,
+    wal_gaps: IntCounterVec,
+    rebuilds: IntCounterVec,
+    stale_epoch_refusals: IntCounterVec,
+    checkpoint_resumes: IntCounterVec,
+    semi_sync_timeouts: IntCounterVec,
+    block_cache_bytes: IntGauge,
+    block_cache_capacity: IntGauge,
+    write_buffer_bytes: IntGauge,
+    write_buffer_capacity: IntGauge,
+}
+
+impl ReplicaMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let gauge = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["shard"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), &["shard"])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let plain = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let rate = GaugeVec::new(
+            Opts::new(
+                "replica_applied_bytes_per_second",
+                "WAL bytes applied per second over the last second",
+            ),
+            &["shard"],
+        )?;
+        registry.register(Box::new(rate.clone()))?;
+        Ok(Self {
+            role: gauge("replica_role", "Replica role: 0 offline, 1 follower, 2 leader")?,
+            epoch: gauge("replica_epoch", "Newest epoch the replica accepted")?,
+            applied_sequence: gauge(
+                "replica_applied_sequence",
+                "Last sequence number applied (committed, on a leader)",
+            )?,
+            lag_sequences: gauge(
+                "replica_lag_sequences",
+                "Follower: sequences behind the leader's latest as last seen",
+            )?,
+            lag_ms: gauge(
+                "replica_lag_ms",
+                "Follower: ms since the leader committed the newest batch applied (0 when caught up)",
+            )?,
+            readable: gauge("replica_readable", "1 when the replica serves reads")?,
+            applied_bytes_per_second: rate,
+            applied_bytes: counter("replica_applied_bytes_total", "WAL bytes applied by the follower")?,
+            wal_gaps: counter(
+                "replica_wal_gaps_total",
+                "Times the follower's position had left the leader's WAL",
+            )?,
+            rebuilds: counter("replica_rebuilds_total", "Checkpoints installed (bootstraps and rebuilds)")?,
+            stale_epoch_refusals: counter(
+                "replica_stale_epoch_refusals_total",
+                "Leaders at an older epoch refused",
+            )?,
+            checkpoint_resumes: counter(
+                "replica_checkpoint_resumes_total",
+                "Checkpoint streams resumed after breaking",
+            )?,
+            semi_sync_timeouts: counter(
+                "replica_semi_sync_timeouts_total",
+                "Semi-sync writes no follower confirmed in time",
+            )?,
+            block_cache_bytes: plain("store_block_cache_bytes", "Bytes in the node's RocksDB block cache")?,
+            block_cache_capacity: plain(
+                "store_block_cache_capacity_bytes",
+                "Capacity of the node's RocksDB block cache",
+            )?,
+            write_buffer_bytes: plain("store_write_buffer_bytes", "Bytes in all memtables of the node")?,
+            write_buffer_capacity: plain(
+                "store_write_buffer_capacity_bytes",
+                "Cap on all memtables of the node",
+            )?,
+        })
+    }
+
+    fn refresh(&self, replicas: &Replicas) {
+        let set_counter = |c: &IntCounterVec, shard: &str, v: u64| {
+            let c = c.with_label_values(&[shard]);
+            c.inc_by(v.saturating_sub(c.get()));
+        };
+        for s in replicas.status() {
+            let shard = s.shard.to_string();
+            let shard = shard.as_str();
+            let role = match s.role {
+                Role::Offline => 0,
+                Role::Follower { .. } => 1,
+                Role::Leader { .. } => 2,
+            };
+            self.role.with_label_values(&[shard]).set(role);
+            self.epoch.with_label_values(&[shard]).set(s.epoch as i64);
+            self.applied_sequence.with_label_values(&[shard]).set(s.applied_sequence as i64);
+            self.lag_sequences.with_label_values(&[shard]).set(s.lag_sequences as i64);
+            self.lag_ms.with_label_values(&[shard]).set(s.lag_ms as i64);
+            self.readable.with_label_values(&[shard]).set(i64::from(s.readable));
+            self.applied_bytes_per_second.with_label_values(&[shard]).set(s.applied_bytes_per_sec);
+            set_counter(&self.applied_bytes, shard, s.applied_bytes_total);
+            set_counter(&self.wal_gaps, shard, s.wal_gaps);
+            set_counter(&self.rebuilds, shard, s.rebuilds);
+            set_counter(&self.stale_epoch_refusals, shard, s.stale_epoch_refusals);
+            set_counter(&self.checkpoint_resumes, shard, s.checkpoint_resumes);
+            set_counter(&self.semi_sync_timeouts, shard, s.semi_sync_timeouts);
+        }
+        let m = replicas.memory();
+        self.block_cache_bytes.set(m.block_cache_usage() as i64);
+        self.block_cache_capacity.set(m.block_cache_capacity() as i64);
+        self.write_buffer_bytes.set(m.write_buffer_usage() as i64);
+        self.write_buffer_capacity.set(m.write_buffer_capacity() as i64);
+    }
 }
 
 impl Metrics {
@@ -64,6 +201,7 @@ impl Metrics {
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(feed_partial.clone()))?;
         registry.register(Box::new(feed_scanned.clone()))?;
+        let replica = ReplicaMetrics::new(&registry)?;
         Ok(Self {
             registry,
             requests,
@@ -73,7 +211,14 @@ impl Metrics {
             feed_scoring,
             model_loads,
             model_version,
+            replicas: OnceLock::new(),
+            replica,
         })
+    }
+
+    /// Reports these replicas' state (read at every scrape).
+    pub fn watch_replicas(&self, replicas: Arc<Replicas>) {
+        let _ = self.replicas.set(replicas);
     }
 
     pub fn observe<T>(&self, method: &str, started: Instant, result: &Result<T, tonic::Status>) {
@@ -128,6 +273,9 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
+        if let Some(replicas) = self.replicas.get() {
+            self.replica.refresh(replicas);
+        }
         let mut out = Vec::new();
         // Encoding into a Vec only fails on invalid metric names, which are constants.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -7,6 +7,7 @@ use std::time::Instant;
 use feedgraph_graph_store::Error as StoreError;
 use feedgraph_model as model;
 use feedgraph_proto::pb::v1 as pb;
+use feedgraph_proto::refusal::{RefusalKind, refuse};
 use feedgraph_proto::{FieldError, MAX_MUTATIONS_PER_WRITE};
 use feedgraph_retrieval::{Broker, Error, FeedKind, FeedPage, Scoring, Source};
 use tonic::{Request, Response, Status};
@@ -14,12 +15,27 @@ use tracing::Instrument;
 
 use crate::metrics::Metrics;
 
-/// Maps a broker error to the status a client can act on.
+/// Maps a broker error to the status a client can act on. Refusals that tell a client
+/// where to go (not the leader, another epoch) carry `feedgraph_proto::refusal`
+/// metadata.
 pub fn status(e: Error) -> Status {
+    let msg = e.to_string();
     match e {
+        Error::InvalidArgument { field, reason } if field.is_empty() => Status::invalid_argument(reason),
         Error::InvalidArgument { field, reason } => Status::invalid_argument(format!("{field}: {reason}")),
         Error::NotFound(what) => Status::not_found(what),
         Error::FailedPrecondition(why) => Status::failed_precondition(why),
+        Error::NotLeader { leader, epoch, .. } => {
+            refuse(Status::failed_precondition(msg), RefusalKind::NotLeader, leader.as_deref(), Some(epoch))
+        }
+        Error::StaleEpoch { current, .. } => {
+            refuse(Status::failed_precondition(msg), RefusalKind::StaleEpoch, None, Some(current))
+        }
+        Error::Behind { .. } => refuse(Status::failed_precondition(msg), RefusalKind::Behind, None, None),
+        Error::Unavailable(why) => Status::unavailable(why),
+        Error::NotConfirmed { epoch, .. } => {
+            refuse(Status::deadline_exceeded(msg), RefusalKind::NotConfirmed, None, Some(epoch))
+        }
         Error::Internal(why) => Status::internal(why),
         Error::Store(e) => store_status(e),
     }
@@ -31,10 +47,23 @@ fn store_status(e: StoreError) -> Status {
         StoreError::OwnerMismatch { .. } | StoreError::InvalidWrite(_) => {
             Status::invalid_argument(e.to_string())
         }
-        StoreError::WalGap { .. } => Status::out_of_range(e.to_string()),
-        StoreError::AheadOfLog { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::WalGap { .. } => {
+            refuse(Status::out_of_range(e.to_string()), RefusalKind::WalGap, None, None)
+        }
+        StoreError::AheadOfLog { .. } | StoreError::Diverged(_) => {
+            refuse(Status::failed_precondition(e.to_string()), RefusalKind::Diverged, None, None)
+        }
+        StoreError::StaleEpoch { current, .. } => {
+            refuse(Status::failed_precondition(e.to_string()), RefusalKind::StaleEpoch, None, Some(current))
+        }
+        StoreError::ReadOnlyReplica => {
+            refuse(Status::failed_precondition(e.to_string()), RefusalKind::NotLeader, None, None)
+        }
         StoreError::OrdinalsExhausted { .. } => Status::resource_exhausted(e.to_string()),
-        StoreError::ShardMismatch { .. }
+        StoreError::NotReplica
+        | StoreError::SequenceMismatch { .. }
+        | StoreError::ReplicatedBatch(_)
+        | StoreError::ShardMismatch { .. }
         | StoreError::SchemaVersion { .. }
         | StoreError::Corrupt { .. }
         | StoreError::Rocks(_)
@@ -82,7 +111,7 @@ impl pb::graph_service_server::GraphService for GraphApi {
                         commits: out
                             .commits
                             .into_iter()
-                            .map(|(shard, sequence)| pb::ShardCommit { shard, sequence, epoch: 0 })
+                            .map(|(shard, epoch, sequence)| pb::ShardCommit { shard, sequence, epoch })
                             .collect(),
                     })
                 }

@@ -1,6 +1,268 @@
-//! Cross-crate integration tests for feedgraph (filled from the issue "Following and
-//! home feeds end to end" on).
+//! Cluster tests for feedgraph: real nodes started in-process through the same
+//! `feedgraph_server::start` as the binary, talking gRPC on 127.0.0.1.
 //!
-//! Will own: in-process clusters of real nodes started through `server::run` on
-//! 127.0.0.1 (and a real etcd, started by the tests), exercising end-to-end feeds,
-//! replication and failover. Every test stops what it started.
+//! Owns: [`Cluster`], a harness that writes a placement for nodes on free loopback
+//! ports, starts, stops and restarts them on their own data directories, and offers
+//! clients and digests; every test stops what it started (dropping a `Cluster` stops
+//! its nodes' servers with the runtime, and its directories are removed).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use feedgraph_cluster::Role;
+use feedgraph_graph_store::Digest;
+use feedgraph_proto::pb::{internal as ipb, v1 as pb};
+use feedgraph_server::{Config, Node};
+use tonic::transport::Channel;
+
+/// Free TCP ports on 127.0.0.1 (bound, read, released).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// One group of shards in a placement: (shards, leader, followers, epoch).
+pub type Group<'a> = (&'a str, &'a str, &'a [&'a str], u64);
+
+/// A set of nodes of one placement.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub shards: u32,
+    pub addresses: BTreeMap<String, String>,
+    configs: BTreeMap<String, Config>,
+    nodes: BTreeMap<String, Node>,
+}
+
+impl Cluster {
+    /// Nodes `ids`, with the replicas `groups` place (ids absent from every group hold
+    /// none: pure brokers), each configured by `tweak(id, config)`; started.
+    pub async fn start(
+        ids: &[&str],
+        shards: u32,
+        groups: &[Group<'_>],
+        tweak: impl Fn(&str, &mut Config),
+    ) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(ids.len());
+        let addresses: BTreeMap<String, String> =
+            ids.iter().zip(ports).map(|(id, p)| (id.to_string(), format!("127.0.0.1:{p}"))).collect();
+        let mut text = format!("shards = {shards}\n[nodes]\n");
+        for (id, a) in &addresses {
+            text.push_str(&format!("{id} = \"{a}\"\n"));
+        }
+        for (spec, leader, followers, epoch) in groups {
+            let f: Vec<String> = followers.iter().map(|f| format!("\"{f}\"")).collect();
+            text.push_str(&format!(
+                "[[replicas]]\nshards = \"{spec}\"\nleader = \"{leader}\"\nfollowers = [{}]\nepoch = {epoch}\n",
+                f.join(", ")
+            ));
+        }
+        let placement = dir.path().join("placement.toml");
+        std::fs::write(&placement, text).unwrap();
+        // One cursor key for all, so that a cursor works on every broker.
+        let key = [7u8; 32];
+        let mut configs = BTreeMap::new();
+        for (id, a) in &addresses {
+            let data_dir = dir.path().join(id);
+            std::fs::create_dir_all(&data_dir).unwrap();
+            std::fs::write(data_dir.join("cursor.key"), key).unwrap();
+            let mut c = Config {
+                data_dir,
+                listen: a.parse().unwrap(),
+                metrics_listen: "127.0.0.1:0".parse().unwrap(),
+                shards,
+                node_id: id.clone(),
+                placement: Some(placement.clone()),
+                ..Config::default()
+            };
+            c.store.block_cache_mb = 16;
+            c.store.write_buffers_total_mb = 64;
+            c.replication.poll_wait_ms = 200;
+            c.replication.map_refresh_ms = 200;
+            c.feed.max_per_owner = 1000;
+            c.feed.max_per_board = 1000;
+            tweak(id, &mut c);
+            configs.insert(id.clone(), c);
+        }
+        let mut cluster = Cluster { dir, shards, addresses, configs, nodes: BTreeMap::new() };
+        for id in ids {
+            cluster.restart(id).await;
+        }
+        cluster
+    }
+
+    /// Starts (again) the node `id` on its data directory.
+    pub async fn restart(&mut self, id: &str) {
+        assert!(!self.nodes.contains_key(id), "node {id} is running");
+        let config = self.configs[id].clone();
+        // A port just released by a stopped node can linger briefly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let node = loop {
+            match feedgraph_server::start(config.clone()).await {
+                Ok(n) => break n,
+                Err(e) if Instant::now() < deadline && e.to_string().contains("binding") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("node {id} did not start: {e}"),
+            }
+        };
+        self.nodes.insert(id.to_owned(), node);
+    }
+
+    /// Stops node `id` (gracefully: its stores are closed when this returns).
+    pub async fn stop(&mut self, id: &str) {
+        let node = self.nodes.remove(id).unwrap();
+        node.shutdown().await.unwrap();
+    }
+
+    pub async fn shutdown(mut self) {
+        let ids: Vec<String> = self.nodes.keys().cloned().collect();
+        for id in ids {
+            self.stop(&id).await;
+        }
+    }
+
+    pub fn node(&self, id: &str) -> &Node {
+        &self.nodes[id]
+    }
+
+    pub fn config(&self, id: &str) -> &Config {
+        &self.configs[id]
+    }
+
+    pub fn addr(&self, id: &str) -> String {
+        self.addresses[id].clone()
+    }
+
+    pub async fn channel(&self, id: &str) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr(id))).unwrap().connect().await.unwrap()
+    }
+
+    pub async fn graph(&self, id: &str) -> pb::graph_service_client::GraphServiceClient<Channel> {
+        pb::graph_service_client::GraphServiceClient::new(self.channel(id).await)
+    }
+
+    pub async fn feeds(&self, id: &str) -> pb::feed_service_client::FeedServiceClient<Channel> {
+        pb::feed_service_client::FeedServiceClient::new(self.channel(id).await)
+    }
+
+    pub async fn admin(&self, id: &str) -> ipb::admin_service_client::AdminServiceClient<Channel> {
+        ipb::admin_service_client::AdminServiceClient::new(self.channel(id).await)
+    }
+
+    pub async fn shard_client(&self, id: &str) -> ipb::shard_service_client::ShardServiceClient<Channel> {
+        ipb::shard_service_client::ShardServiceClient::new(self.channel(id).await)
+    }
+
+    /// Moves `id`'s replica of `shard` (through the admin RPC, as an operator would).
+    pub async fn transition(
+        &self,
+        id: &str,
+        shard: u32,
+        role: Role,
+    ) -> Result<ipb::ReplicaStatus, tonic::Status> {
+        let (target, epoch, leader) = match role {
+            Role::Offline => (ipb::ReplicaRole::Offline, 0, String::new()),
+            Role::Follower { leader, epoch } => (ipb::ReplicaRole::Follower, epoch, leader),
+            Role::Leader { epoch } => (ipb::ReplicaRole::Leader, epoch, String::new()),
+        };
+        let r = self
+            .admin(id)
+            .await
+            .transition_replica(ipb::TransitionReplicaRequest { shard, target: target as i32, epoch, leader })
+            .await?;
+        Ok(r.into_inner().status.unwrap_or_default())
+    }
+
+    /// The latest sequence of `id`'s replica of `shard`.
+    pub fn sequence(&self, id: &str, shard: u32) -> u64 {
+        self.nodes[id].replicas().get(shard).and_then(|r| r.store()).map_or(0, |s| s.latest_sequence())
+    }
+
+    /// Waits until every replica of `shard` on `followers` has applied the latest
+    /// sequence of `leader`'s; panics after `timeout`.
+    pub async fn caught_up(&self, leader: &str, followers: &[&str], shard: u32, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let target = self.sequence(leader, shard);
+            if followers.iter().all(|f| self.sequence(f, shard) == target) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shard {shard}: followers {followers:?} at {:?}, leader {leader} at {target}",
+                followers.iter().map(|f| self.sequence(f, shard)).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The digest of `id`'s replica of `shard` (every column family and the attribute
+    /// rows).
+    pub async fn digest(&self, id: &str, shard: u32) -> Digest {
+        let store = self.nodes[id].replicas().get(shard).and_then(|r| r.store()).expect("replica with data");
+        tokio::task::spawn_blocking(move || store.digest().unwrap()).await.unwrap()
+    }
+
+    /// The data directory of node `id`.
+    pub fn data_dir(&self, id: &str) -> PathBuf {
+        self.configs[id].data_dir.clone()
+    }
+}
+
+/// Mutations on the wire, for tests and benchmarks.
+pub mod muts {
+    use super::pb;
+    use pb::mutation::Op;
+
+    pub fn m(op: Op) -> pb::Mutation {
+        pb::Mutation { op: Some(op) }
+    }
+
+    pub fn board(id: u64, owner: u64) -> pb::Mutation {
+        m(Op::UpsertBoard(pb::UpsertBoard { board_id: id, owner_id: owner, name: format!("b{id}") }))
+    }
+
+    pub fn user(id: u64) -> pb::Mutation {
+        m(Op::UpsertUser(pb::UpsertUser { user_id: id, username: format!("u{id}") }))
+    }
+
+    pub fn pin(
+        id: u64,
+        owner: u64,
+        board: u64,
+        created_at_ms: i64,
+        topics: Vec<u32>,
+        quality: f32,
+    ) -> pb::Mutation {
+        m(Op::UpsertPin(pb::UpsertPin {
+            pin_id: id,
+            board_id: board,
+            owner_id: owner,
+            created_at_ms,
+            topic_ids: topics,
+            signals: Some(pb::PinSignals { quality, saves: (id % 50) as u32, clicks: 1, closeups: 2 }),
+        }))
+    }
+
+    pub fn follow_user(follower: u64, user: u64) -> pb::Mutation {
+        m(Op::Follow(pb::Follow {
+            follower_id: follower,
+            target: Some(pb::FollowTarget { target: Some(pb::follow_target::Target::UserId(user)) }),
+        }))
+    }
+
+    pub fn follow_topic(follower: u64, topic: u32) -> pb::Mutation {
+        m(Op::Follow(pb::Follow {
+            follower_id: follower,
+            target: Some(pb::FollowTarget { target: Some(pb::follow_target::Target::TopicId(topic)) }),
+        }))
+    }
+
+    pub fn write(mutations: Vec<pb::Mutation>, ack: pb::Ack) -> pb::WriteRequest {
+        pb::WriteRequest { mutations, ack: ack as i32, request_id: String::new() }
+    }
+}

@@ -1,0 +1,310 @@
+//! A follower's replication loop: pull the leader's log after the replica's position
+//! (the leader checks it is a prefix of its own), apply each batch at the leader's
+//! sequence numbers, and rebuild from a checkpoint when the position left the leader's
+//! WAL or the logs diverged. Epochs fence the exchange both ways.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use feedgraph_graph_store::{Error as StoreError, WalBatch};
+use feedgraph_proto::pb::internal as ipb;
+use feedgraph_proto::refusal::{RefusalKind, refusal};
+use tokio::sync::watch;
+
+use crate::leader::now_ms;
+use crate::replica::Replica;
+use crate::{Error, blocking, checkpoint, net};
+
+type Client = ipb::replication_service_client::ReplicationServiceClient<tonic::transport::Channel>;
+
+/// Exponential backoff between failed attempts.
+struct Backoff(Duration);
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(50);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.0 = Self::MIN;
+    }
+}
+
+/// Sleeps `d`, or less if `stop` fires; true when stopping.
+async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    };
+    stopped || *stop.borrow()
+}
+
+/// What one `GetUpdates` round did.
+enum Step {
+    /// Applied (or nothing new): continue at once.
+    Continue,
+    /// Rebuild from a checkpoint first.
+    Rebuild,
+    /// Wait, then retry.
+    Retry,
+    Stop,
+}
+
+pub(crate) async fn run(
+    replica: Arc<Replica>,
+    leader: String,
+    mut epoch: u64,
+    mut stop: watch::Receiver<bool>,
+) {
+    let shard = replica.shard();
+    let mut client = match net::channel(&leader) {
+        Ok(channel) => Client::new(channel).max_decoding_message_size(net::MAX_MESSAGE_BYTES),
+        Err(e) => {
+            tracing::error!(shard, %leader, error = %e, "cannot replicate from this address");
+            replica.stats.set_state(format!("bad leader address: {e}"));
+            return;
+        }
+    };
+    let mut shutdown = replica.shutdown.clone();
+    let mut backoff = Backoff(Backoff::MIN);
+    let mut rebuild = replica.store().is_none();
+    let mut lagging = false;
+    loop {
+        if *stop.borrow() || *shutdown.borrow() {
+            return;
+        }
+        if rebuild {
+            match bootstrap(&replica, &mut client, &leader, epoch, &mut stop).await {
+                Ok(()) => {
+                    rebuild = false;
+                    backoff.reset();
+                }
+                Err(Error::Shutdown) => return,
+                Err(e) => {
+                    tracing::warn!(shard, %leader, error = %e, "bootstrap from a checkpoint failed; retrying");
+                    replica.stats.set_state(format!("bootstrap failed: {e}"));
+                    if pause(backoff.next(), &mut stop).await {
+                        return;
+                    }
+                }
+            }
+            continue;
+        }
+        let step = tokio::select! {
+            s = round(&replica, &mut client, &leader, &mut epoch, &mut lagging) => s,
+            _ = stop.wait_for(|s| *s) => Step::Stop,
+            _ = shutdown.wait_for(|s| *s) => Step::Stop,
+        };
+        match step {
+            Step::Continue => backoff.reset(),
+            Step::Rebuild => rebuild = true,
+            Step::Retry => {
+                if pause(backoff.next(), &mut stop).await {
+                    return;
+                }
+            }
+            Step::Stop => return,
+        }
+    }
+}
+
+/// One `GetUpdates` and the apply of what it returned.
+async fn round(
+    replica: &Arc<Replica>,
+    client: &mut Client,
+    leader: &str,
+    epoch: &mut u64,
+    lagging: &mut bool,
+) -> Step {
+    let shard = replica.shard();
+    let Some(store) = replica.store() else { return Step::Rebuild };
+    let position = {
+        let s = store.clone();
+        match blocking(move || Ok(s.log_position())).await {
+            Ok(p) => p,
+            Err(_) => return Step::Retry,
+        }
+    };
+    drop(store);
+    let cfg = &replica.cfg;
+    let request = ipb::GetUpdatesRequest {
+        shard,
+        since_sequence: position.sequence,
+        since_epoch: position.epoch,
+        lineage: position.lineage,
+        layout: position.layout,
+        max_bytes: cfg.max_batch_bytes as u64,
+        wait_ms: cfg.poll_wait.as_millis() as u32,
+        epoch: *epoch,
+        follower_node: replica.node_id().to_owned(),
+    };
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(cfg.poll_wait + Duration::from_secs(10));
+    let response = match client.get_updates(request).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return refused(replica, leader, epoch, &status).await,
+    };
+    replica.stats.leader_sequence.store(response.leader_sequence, Ordering::Relaxed);
+    if response.batches.is_empty() {
+        replica.stats.lag_ms.store(0, Ordering::Relaxed);
+        replica.stats.set_state("shipping (caught up)");
+        return Step::Continue;
+    }
+    let Some(store) = replica.store() else { return Step::Rebuild };
+    let batches = response.batches;
+    let applied = blocking(move || {
+        let (mut bytes, mut last_commit) = (0u64, 0i64);
+        for b in batches {
+            if crc32c::crc32c(&b.data) != b.crc32c {
+                return Err(Error::Store(StoreError::ReplicatedBatch(format!(
+                    "at {} fails its checksum",
+                    b.sequence
+                ))));
+            }
+            bytes += b.data.len() as u64;
+            last_commit = b.commit_time_ms;
+            store.apply_replicated(&WalBatch {
+                sequence: b.sequence,
+                count: u64::from(b.count),
+                data: b.data,
+            })?;
+        }
+        Ok((bytes, last_commit, store.latest_sequence()))
+    })
+    .await;
+    match applied {
+        Ok((bytes, last_commit, applied)) => {
+            replica.stats.applied(bytes);
+            let lag = if applied >= response.leader_sequence || last_commit == 0 {
+                0
+            } else {
+                (now_ms() - last_commit).max(0) as u64
+            };
+            replica.stats.lag_ms.store(lag, Ordering::Relaxed);
+            replica.stats.set_state("shipping");
+            let warn_after = cfg.lag_warn.as_millis() as u64;
+            if lag > warn_after && !*lagging {
+                *lagging = true;
+                tracing::warn!(shard, %leader, lag_ms = lag, behind = response.leader_sequence - applied, "follower is falling behind its leader");
+            } else if lag <= warn_after / 2 && *lagging {
+                *lagging = false;
+                tracing::info!(shard, %leader, "follower caught up with its leader");
+            }
+            Step::Continue
+        }
+        Err(Error::Store(
+            e @ (StoreError::SequenceMismatch { .. }
+            | StoreError::ReplicatedBatch(_)
+            | StoreError::Diverged(_)),
+        )) => {
+            tracing::warn!(shard, %leader, error = %e, "a shipped batch cannot be applied here; rebuilding from a checkpoint");
+            replica.mark_diverged(true);
+            Step::Rebuild
+        }
+        Err(e) => {
+            tracing::error!(shard, %leader, error = %e, "applying shipped batches failed");
+            replica.stats.set_state(format!("apply failed: {e}"));
+            Step::Retry
+        }
+    }
+}
+
+/// Acts on a refusal of `GetUpdates`.
+async fn refused(replica: &Arc<Replica>, leader: &str, epoch: &mut u64, status: &tonic::Status) -> Step {
+    let shard = replica.shard();
+    let Some(r) = refusal(status) else {
+        tracing::debug!(shard, %leader, code = ?status.code(), message = status.message(), "leader unreachable");
+        replica.stats.set_state(format!("leader unreachable: {}", status.message()));
+        return Step::Retry;
+    };
+    match r.kind {
+        RefusalKind::WalGap => {
+            tracing::warn!(shard, %leader, since = replica.store().map(|s| s.latest_sequence()), "position has left the leader's WAL; rebuilding from a checkpoint");
+            replica.stats.wal_gaps.fetch_add(1, Ordering::Relaxed);
+            Step::Rebuild
+        }
+        RefusalKind::Diverged => {
+            tracing::warn!(shard, %leader, reason = status.message(), "this replica's log diverged from the leader's; rebuilding from a checkpoint (its own writes are dropped)");
+            replica.mark_diverged(true);
+            Step::Rebuild
+        }
+        RefusalKind::StaleEpoch => match r.epoch {
+            Some(theirs) if theirs > *epoch => {
+                let (rep, l) = (replica.clone(), leader.to_owned());
+                match blocking(move || rep.adopt_epoch(&l, theirs)).await {
+                    Ok(true) => {
+                        tracing::info!(shard, %leader, epoch = theirs, "following the leader's newer epoch");
+                        *epoch = theirs;
+                        Step::Continue
+                    }
+                    // The replica was moved on meanwhile; its new task takes over.
+                    _ => Step::Retry,
+                }
+            }
+            theirs => {
+                tracing::warn!(shard, %leader, leader_epoch = ?theirs, epoch = *epoch, "refusing the log of a leader at an older epoch");
+                replica.stats.stale_refusals.fetch_add(1, Ordering::Relaxed);
+                replica
+                    .stats
+                    .set_state(format!("refusing {leader}: its epoch {theirs:?} is older than {epoch}"));
+                Step::Retry
+            }
+        },
+        RefusalKind::NotLeader => {
+            replica.stats.set_state(format!(
+                "waiting: {leader} is not the leader{}",
+                r.leader.map(|l| format!(" (it names {l})")).unwrap_or_default()
+            ));
+            Step::Retry
+        }
+        RefusalKind::Behind | RefusalKind::NotConfirmed => Step::Retry,
+    }
+}
+
+/// Downloads a checkpoint from the leader and swaps it in.
+async fn bootstrap(
+    replica: &Arc<Replica>,
+    client: &mut Client,
+    leader: &str,
+    epoch: u64,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let shard = replica.shard();
+    let started = std::time::Instant::now();
+    tracing::info!(shard, %leader, "bootstrapping from a checkpoint of the leader");
+    replica.stats.set_state("bootstrapping");
+    let stats = &replica.stats;
+    let progress = |done: u64, total: u64| {
+        stats.set_state(format!("bootstrapping {}%", done * 100 / total.max(1)));
+    };
+    let resumed = || {
+        stats.checkpoint_resumes.fetch_add(1, Ordering::Relaxed);
+    };
+    let fetch = checkpoint::Fetch {
+        shard,
+        epoch,
+        staging: &replica.paths.staging,
+        chunk_bytes: replica.cfg.checkpoint_chunk_bytes,
+        on_progress: &progress,
+        on_resume: &resumed,
+    };
+    let manifest = checkpoint::download(client, fetch, stop).await?;
+    let (rep, m) = (replica.clone(), manifest.clone());
+    blocking(move || rep.install(&m)).await?;
+    replica.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        shard,
+        %leader,
+        sequence = manifest.sequence,
+        mb = manifest.total_bytes() as f64 / 1e6,
+        seconds = started.elapsed().as_secs_f64(),
+        "checkpoint installed; shipping resumes from its sequence"
+    );
+    Ok(())
+}

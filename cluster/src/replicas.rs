@@ -1,0 +1,262 @@
+//! The replicas one node holds, how they come up (standalone, or from a placement and
+//! what each replica remembers), and node-wide operations.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use feedgraph_graph_store::{Shard, ShardOptions, StoreMemory};
+use tokio::sync::watch;
+
+use crate::checkpoint::Checkpoints;
+use crate::replica::{Replica, ReplicaSetup, ReplicaStatus, ShardPaths};
+use crate::role::{Role, RoleState};
+use crate::{Error, Placement, ReplicationConfig, Result, blocking};
+
+/// Shard options by shard number (the node's configuration).
+pub type StoreOptions = Arc<dyn Fn(u32) -> ShardOptions + Send + Sync>;
+
+/// The replicas of one node.
+pub struct Replicas {
+    node_id: String,
+    address: String,
+    shard_count: u32,
+    data_dir: PathBuf,
+    cfg: Arc<ReplicationConfig>,
+    options: StoreOptions,
+    memory: StoreMemory,
+    replicas: RwLock<BTreeMap<u32, Arc<Replica>>>,
+    checkpoints: Arc<Checkpoints>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicas").field("node", &self.node_id).field("shards", &self.shard_ids()).finish()
+    }
+}
+
+/// What a node needs to bring its replicas up.
+pub struct NodeSetup {
+    pub node_id: String,
+    /// The address other nodes reach this node at.
+    pub address: String,
+    pub shard_count: u32,
+    pub data_dir: PathBuf,
+    pub options: StoreOptions,
+    pub memory: StoreMemory,
+    pub replication: ReplicationConfig,
+}
+
+impl std::fmt::Debug for NodeSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeSetup").field("node_id", &self.node_id).field("address", &self.address).finish()
+    }
+}
+
+impl Replicas {
+    fn new(setup: NodeSetup) -> Result<Self> {
+        let cfg = Arc::new(setup.replication);
+        let checkpoints = Checkpoints::new(
+            setup.data_dir.join("checkpoints"),
+            cfg.checkpoint_ttl,
+            cfg.break_checkpoint_after_bytes,
+        )?;
+        Ok(Self {
+            node_id: setup.node_id,
+            address: setup.address,
+            shard_count: setup.shard_count,
+            data_dir: setup.data_dir,
+            cfg,
+            options: setup.options,
+            memory: setup.memory,
+            replicas: RwLock::new(BTreeMap::new()),
+            checkpoints: Arc::new(checkpoints),
+            shutdown: watch::Sender::new(false),
+        })
+    }
+
+    /// A node without a placement: every shard given (opened as leaders) is a leader at
+    /// the newest epoch of its history — 0 for a shard that never replicated — unless
+    /// the replica remembers another role from an earlier transition.
+    pub async fn standalone(setup: NodeSetup, shards: Vec<Arc<Shard>>) -> Result<Arc<Replicas>> {
+        let this = Arc::new(blocking(move || Replicas::new(setup)).await?);
+        for store in shards {
+            let shard = store.id();
+            let paths = ShardPaths::new(&this.data_dir, shard);
+            let state_path = paths.state.clone();
+            let remembered = blocking(move || RoleState::load(&state_path)).await?;
+            let (role, promised) = match remembered {
+                Some(s) => (s.role, s.promised),
+                None => {
+                    let epoch = store.epoch_history().current();
+                    (Role::Leader { epoch }, epoch)
+                }
+            };
+            this.add(shard, paths, Some(store), role, promised).await?;
+        }
+        Ok(this)
+    }
+
+    /// A node of a placement: it holds the replicas the placement gives it (a replica
+    /// that remembers a newer epoch than the placement keeps what it remembers). A
+    /// leader without data starts an empty shard; a follower without data bootstraps
+    /// from its leader. Opens stores on the blocking pool.
+    pub async fn placed(setup: NodeSetup, placement: &Placement) -> Result<Arc<Replicas>> {
+        if placement.shard_count != setup.shard_count {
+            return Err(Error::Placement(format!(
+                "the placement has {} shards, the node {}",
+                placement.shard_count, setup.shard_count
+            )));
+        }
+        if placement.address(&setup.node_id).is_none() {
+            return Err(Error::Placement(format!(
+                "node `{}` is not in the placement's [nodes]",
+                setup.node_id
+            )));
+        }
+        let this = Arc::new(blocking(move || Replicas::new(setup)).await?);
+        for shard in 0..this.shard_count {
+            let placed = placement.role_of(&this.node_id, shard);
+            let paths = ShardPaths::new(&this.data_dir, shard);
+            let state_path = paths.state.clone();
+            let remembered = blocking(move || RoleState::load(&state_path)).await?;
+            let state = match (placed, remembered) {
+                (None, None) => continue,
+                (None, Some(s)) => s,
+                (Some(p), Some(s)) if s.promised > p.epoch().unwrap_or(0) => {
+                    tracing::info!(shard, remembered = %s.role, placement = %p, "the replica remembers a newer epoch than the placement; keeping it");
+                    s
+                }
+                (Some(p), s) => {
+                    let promised = p.epoch().unwrap_or(0).max(s.map_or(0, |s| s.promised));
+                    RoleState { role: p, promised }
+                }
+            };
+            let (p, opts, leader) =
+                (paths.clone(), (this.options)(shard), matches!(state.role, Role::Leader { .. }));
+            let store = blocking(move || {
+                p.recover()?;
+                Ok(match (p.live.exists(), leader) {
+                    (true, true) | (false, true) => Some(Arc::new(Shard::open(&p.live, &opts)?)),
+                    (true, false) => Some(Arc::new(Shard::open_replica(&p.live, &opts)?)),
+                    (false, false) => None,
+                })
+            })
+            .await?;
+            let (s, path) = (state.clone(), paths.state.clone());
+            blocking(move || s.store(&path)).await?;
+            this.add(shard, paths, store, state.role, state.promised).await.map_err(|e| match e {
+                Error::StaleEpoch { given, current, .. } => Error::Placement(format!(
+                    "shard {shard}: the placement says epoch {given} but the data is already at epoch {current}; raise the epoch"
+                )),
+                other => other,
+            })?;
+        }
+        Ok(this)
+    }
+
+    async fn add(
+        &self,
+        shard: u32,
+        paths: ShardPaths,
+        store: Option<Arc<Shard>>,
+        role: Role,
+        promised: u64,
+    ) -> Result<Arc<Replica>> {
+        let setup = ReplicaSetup {
+            shard,
+            node_id: self.node_id.clone(),
+            paths,
+            opts: (self.options)(shard),
+            cfg: self.cfg.clone(),
+            shutdown: self.shutdown.subscribe(),
+        };
+        let replica = Replica::start(setup, store, role, promised).await?;
+        self.replicas.write().unwrap_or_else(|e| e.into_inner()).insert(shard, replica.clone());
+        Ok(replica)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn shard_count(&self) -> u32 {
+        self.shard_count
+    }
+
+    pub fn memory(&self) -> &StoreMemory {
+        &self.memory
+    }
+
+    pub(crate) fn checkpoints(&self) -> &Arc<Checkpoints> {
+        &self.checkpoints
+    }
+
+    pub fn get(&self, shard: u32) -> Option<Arc<Replica>> {
+        self.replicas.read().unwrap_or_else(|e| e.into_inner()).get(&shard).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Replica>> {
+        self.replicas.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    pub fn shard_ids(&self) -> Vec<u32> {
+        self.replicas.read().unwrap_or_else(|e| e.into_inner()).keys().copied().collect()
+    }
+
+    pub fn status(&self) -> Vec<ReplicaStatus> {
+        self.all().iter().map(|r| r.status()).collect()
+    }
+
+    /// Moves the node's replica of `shard` to `target`; a node without one takes one
+    /// (with the data it may still have on disk, else none: a follower bootstraps).
+    pub async fn transition(&self, shard: u32, target: Role) -> Result<ReplicaStatus> {
+        if shard >= self.shard_count {
+            return Err(Error::NoReplica { shard });
+        }
+        let replica = match self.get(shard) {
+            Some(r) => r,
+            None => {
+                let paths = ShardPaths::new(&self.data_dir, shard);
+                let (p, opts) = (paths.clone(), (self.options)(shard));
+                let store = blocking(move || {
+                    p.recover()?;
+                    Ok(if p.live.exists() {
+                        Some(Arc::new(Shard::open_replica(&p.live, &opts)?))
+                    } else {
+                        None
+                    })
+                })
+                .await?;
+                self.add(shard, paths, store, Role::Offline, 0).await?
+            }
+        };
+        replica.transition(target).await
+    }
+
+    /// Stops every follower loop and long poll (the node is stopping).
+    pub async fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+        for r in self.all() {
+            r.stop().await;
+        }
+    }
+
+    /// No work outside the registry holds a store.
+    pub fn idle(&self) -> bool {
+        self.all().iter().all(|r| r.idle())
+    }
+
+    pub(crate) fn config(&self) -> &ReplicationConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn stopping(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+}

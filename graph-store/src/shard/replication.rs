@@ -1,0 +1,271 @@
+//! What replication is built from, on one shard: the WAL since a position (gaps
+//! reported, never skipped), applying a shipped batch at the leader's sequence numbers,
+//! leadership epochs and write fences, log positions for the prefix check, exact
+//! checkpoints, a digest of everything a replica holds, and a commit listener.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use feedgraph_model::Durability;
+use roaring::RoaringBitmap;
+use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
+use sha2::{Digest as _, Sha256};
+
+use crate::bitmap;
+use crate::{Error, Result};
+
+use super::epochs::{self, EpochHistory, LogPosition};
+use super::schema::{Cf, META_EPOCHS};
+use super::write::Effects;
+use super::{Fence, Shard};
+
+/// One WAL write batch, as shipped to followers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalBatch {
+    /// Sequence number of the batch's first operation.
+    pub sequence: u64,
+    /// Operations in the batch (each consumes one sequence number).
+    pub count: u64,
+    /// RocksDB's write-batch representation.
+    pub data: Vec<u8>,
+}
+
+/// Called after every commit (leader write, replicated apply, epoch start) with the
+/// shard's new latest sequence number, under the shard's writer lock: keep it short.
+pub type CommitListener = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// A checksum over everything a replica holds: every column family's contents (bitmaps
+/// compared as sets) and the in-memory attribute rows. Equal digests mean equal
+/// replicas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Digest(pub [u8; 32]);
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Length of a write batch's header: sequence (LE u64) and count (LE u32).
+const BATCH_HEADER: usize = 12;
+
+impl Shard {
+    /// The WAL batches after `since` (a sequence number at a batch boundary, as a
+    /// follower's applied position always is), up to about `max_bytes`.
+    ///
+    /// RocksDB's WAL iterator silently starts at the next available batch when the
+    /// requested one was purged; this checks that the batches are contiguous from
+    /// `since + 1` and reports [`Error::WalGap`] instead of skipping ahead.
+    pub fn updates_since(&self, since: u64, max_bytes: usize) -> Result<Vec<WalBatch>> {
+        let latest = self.latest_sequence();
+        if since > latest {
+            return Err(Error::AheadOfLog { since, latest });
+        }
+        if since == latest {
+            return Ok(Vec::new());
+        }
+        let iter =
+            self.db.get_updates_since(since).map_err(|_| Error::WalGap { since, next_available: None })?;
+        let mut expected = since + 1;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in iter {
+            let (sequence, batch) = item?;
+            if sequence != expected {
+                return Err(Error::WalGap { since: expected - 1, next_available: Some(sequence) });
+            }
+            let count = batch.len() as u64;
+            expected = sequence + count;
+            bytes += batch.size_in_bytes();
+            out.push(WalBatch { sequence, count, data: batch.data().to_vec() });
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        if out.is_empty() {
+            // Newer writes exist but the log holds none of them: all purged.
+            return Err(Error::WalGap { since, next_available: None });
+        }
+        Ok(out)
+    }
+
+    /// Applies a batch shipped from the leader, at the leader's sequence numbers, with
+    /// the same in-memory effects as the leader's own write (recovered from the batch).
+    /// Only a replica applies; the batch must start right after the replica's latest
+    /// sequence. Returns the new latest sequence.
+    pub fn apply_replicated(&self, batch: &WalBatch) -> Result<u64> {
+        let mut writer = self.lock_writer();
+        if writer.fence != Fence::Replica {
+            return Err(Error::NotReplica);
+        }
+        let expected = self.latest_sequence() + 1;
+        if batch.sequence != expected {
+            return Err(Error::SequenceMismatch { expected, got: batch.sequence });
+        }
+        // The header is read by RocksDB without bounds checks: validate it first.
+        let header = batch
+            .data
+            .first_chunk::<BATCH_HEADER>()
+            .ok_or_else(|| Error::ReplicatedBatch("shorter than a batch header".into()))?;
+        let (seq, count) = header.split_at(8);
+        let (seq, count) = (
+            u64::from_le_bytes(seq.try_into().unwrap_or_default()),
+            u64::from(u32::from_le_bytes(count.try_into().unwrap_or_default())),
+        );
+        if seq != batch.sequence || count != batch.count || count == 0 {
+            return Err(Error::ReplicatedBatch(format!(
+                "header says sequence {seq}, {count} operations; the leader said {}, {}",
+                batch.sequence, batch.count
+            )));
+        }
+        let wb = WriteBatch::from_data(&batch.data);
+        let effects = Effects::decode(&wb, &self.cf_ids)?;
+        let latest = self.apply(&mut writer, wb, &effects, Durability::Buffered)?;
+        let end = batch.sequence + batch.count - 1;
+        if latest != end {
+            // Sequence numbers no longer match the leader's: this replica must be
+            // rebuilt (never seen; it would take a local write on a replica).
+            return Err(Error::SequenceMismatch { expected: end, got: latest });
+        }
+        Ok(latest)
+    }
+
+    /// Makes this shard the writable leader of `epoch`. A newer epoch than any in the
+    /// history starts a term: its history entry is the term's first (synced) write, so
+    /// followers replicate it. The newest epoch already in the history resumes that
+    /// term (a restarted leader). An older epoch is [`Error::StaleEpoch`].
+    pub fn lead(&self, epoch: u64) -> Result<()> {
+        let mut writer = self.lock_writer();
+        let history = self.epoch_history();
+        let current = history.current();
+        if epoch < current {
+            return Err(Error::StaleEpoch { given: epoch, current });
+        }
+        if epoch > current {
+            let start = self.latest_sequence() + 1;
+            let next = history.with(epoch, start).ok_or(Error::StaleEpoch { given: epoch, current })?;
+            let mut batch = WriteBatch::default();
+            batch.put_cf(self.cf(Cf::Meta), META_EPOCHS, next.encode());
+            let effects = Effects { epochs: Some(next), ..Effects::default() };
+            self.apply(&mut writer, batch, &effects, Durability::Sync)?;
+        }
+        writer.fence = Fence::Leader { epoch };
+        Ok(())
+    }
+
+    /// Stops local writes: from now on the shard only applies shipped batches.
+    pub fn follow(&self) {
+        self.lock_writer().fence = Fence::Replica;
+    }
+
+    /// The epoch local writes are accepted at, or `None` on a replica.
+    pub fn writable_epoch(&self) -> Option<u64> {
+        match self.lock_writer().fence {
+            Fence::Leader { epoch } => Some(epoch),
+            Fence::Replica => None,
+        }
+    }
+
+    /// Which epoch wrote which sequence numbers.
+    pub fn epoch_history(&self) -> Arc<EpochHistory> {
+        self.history.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The random id this database (and every replica made from it) carries.
+    pub fn lineage(&self) -> u64 {
+        self.lineage
+    }
+
+    /// Where this shard's log stands. Taken under the writer lock, so that the latest
+    /// sequence and the history that says who wrote it are one state.
+    pub fn log_position(&self) -> LogPosition {
+        let _writer = self.lock_writer();
+        let sequence = self.latest_sequence();
+        LogPosition {
+            lineage: self.lineage,
+            layout: self.cf_ids.layout(),
+            sequence,
+            epoch: self.epoch_history().epoch_at(sequence),
+        }
+    }
+
+    /// Whether a follower at `follower` holds a prefix of this shard's log (so that
+    /// shipping can continue from its position); [`Error::Diverged`] otherwise.
+    pub fn check_follower(&self, follower: &LogPosition) -> Result<()> {
+        let leader = self.log_position();
+        epochs::check_prefix(&leader, &self.epoch_history(), follower).map_err(Error::Diverged)
+    }
+
+    /// Writes a consistent checkpoint (hard links where possible) into `dir`, which
+    /// must not exist, and returns the sequence number it contains. Writes and applies
+    /// wait while it is taken, so the returned sequence is exact.
+    pub fn checkpoint(&self, dir: impl AsRef<Path>) -> Result<u64> {
+        let _writer = self.lock_writer();
+        let sequence = self.latest_sequence();
+        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(dir.as_ref())?;
+        Ok(sequence)
+    }
+
+    /// Sets (or clears) the function told about every commit.
+    pub fn set_commit_listener(&self, listener: Option<CommitListener>) {
+        *self.commit_listener.write().unwrap_or_else(|e| e.into_inner()) = listener;
+    }
+
+    pub(crate) fn notify_commit(&self, sequence: u64) {
+        if let Some(listener) = self.commit_listener.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            listener(sequence);
+        }
+    }
+
+    /// A checksum over every column family (bitmaps as sets of ordinals, so the same
+    /// set merged differently hashes the same) and the in-memory attribute rows, taken
+    /// under the writer lock so that both are one state. Reads the whole shard.
+    pub fn digest(&self) -> Result<Digest> {
+        let _writer = self.lock_writer();
+        let mut h = Sha256::new();
+        let mut put = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        for cf in Cf::ALL {
+            put(cf.name().as_bytes());
+            let mut ro = ReadOptions::default();
+            ro.fill_cache(false);
+            for item in self.db.iterator_cf_opt(self.cf(cf), ro, IteratorMode::Start) {
+                let (k, v) = item?;
+                put(&k);
+                if cf.is_bitmap() {
+                    let set: RoaringBitmap =
+                        bitmap::decode_bitmap(&v).ok_or_else(|| Error::corrupt(cf, &k, "bad bitmap"))?;
+                    let ids: Vec<u8> = set.iter().flat_map(u32::to_le_bytes).collect();
+                    put(&ids);
+                } else {
+                    put(&v);
+                }
+            }
+        }
+        let attrs = self.attributes();
+        put(&(attrs.len() as u64).to_le_bytes());
+        let mut row = Vec::with_capacity(64);
+        for ordinal in 0..attrs.len() as u32 {
+            row.clear();
+            if let Some(a) = attrs.get(ordinal) {
+                for v in [a.pin_id, a.owner, a.board, a.created_at_ms as u64] {
+                    row.extend_from_slice(&v.to_le_bytes());
+                }
+                let s = a.signals;
+                for v in [s.quality.to_bits(), s.saves, s.clicks, s.closeups] {
+                    row.extend_from_slice(&v.to_le_bytes());
+                }
+                row.extend([u8::from(a.deleted), u8::from(a.spam), u8::from(a.is_unsafe)]);
+            }
+            put(&row);
+        }
+        drop(attrs);
+        put(&self.next_ordinal().to_le_bytes());
+        Ok(Digest(h.finalize().into()))
+    }
+}

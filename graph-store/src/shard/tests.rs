@@ -1,0 +1,499 @@
+use super::*;
+use crate::bitmap::{self, Delta};
+use crate::record::{FilterKind, ordinal_key, u32_key, u64_key};
+use feedgraph_model::{Board, FollowTarget, Pin, PinFlag, PinId, PinRef, PinSignals, User};
+use roaring::RoaringBitmap;
+
+pub(crate) fn uid(v: u64) -> UserId {
+    UserId::new(v).unwrap()
+}
+fn bid(v: u64) -> BoardId {
+    BoardId::new(v).unwrap()
+}
+fn pid(v: u64) -> PinId {
+    PinId::new(v).unwrap()
+}
+fn tid(v: u32) -> TopicId {
+    TopicId::new(v).unwrap()
+}
+
+fn pin(id: u64, owner: u64, board: u64, t: i64, topics: &[u32]) -> Mutation {
+    Mutation::UpsertPin(Pin {
+        id: pid(id),
+        owner: uid(owner),
+        board: bid(board),
+        created_at_ms: t,
+        topics: topics.iter().map(|t| tid(*t)).collect(),
+        signals: PinSignals { quality: 0.5, saves: 1, clicks: 2, closeups: 3 },
+    })
+}
+
+fn board(id: u64, owner: u64) -> Mutation {
+    Mutation::UpsertBoard(Board { id: bid(id), owner: uid(owner), name: format!("b{id}") })
+}
+
+fn open(dir: &Path) -> Shard {
+    Shard::open(dir, &ShardOptions::new(3)).unwrap()
+}
+
+fn ids(b: &RoaringBitmap) -> Vec<u32> {
+    b.iter().collect()
+}
+
+#[test]
+fn pins_get_dense_ordinals_and_rewrites_keep_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.write(&[board(1, 10), pin(100, 10, 1, 1000, &[7]), pin(101, 10, 1, 2000, &[7, 8])], Durability::Sync)
+        .unwrap();
+    assert_eq!(s.ordinal(pid(100)).unwrap(), Some(0));
+    assert_eq!(s.ordinal(pid(101)).unwrap(), Some(1));
+    // Re-writing moves the pin to another board and topic, keeping its ordinal.
+    s.write(&[board(2, 10), pin(100, 10, 2, 1000, &[8])], Durability::Buffered).unwrap();
+    assert_eq!(s.ordinal(pid(100)).unwrap(), Some(0));
+    assert_eq!(s.next_ordinal(), 2);
+    assert_eq!(ids(&s.board_pins(bid(1)).unwrap()), [1]);
+    assert_eq!(ids(&s.board_pins(bid(2)).unwrap()), [0]);
+    assert_eq!(ids(&s.topic_pins(tid(7)).unwrap()), [1]);
+    assert_eq!(ids(&s.topic_pins(tid(8)).unwrap()), [0, 1]);
+    assert_eq!(ids(&s.user_pins(uid(10)).unwrap()), [0, 1]);
+    assert_eq!(s.attributes().get(0).unwrap().board, 2);
+}
+
+#[test]
+fn a_pin_on_a_missing_board_fails_the_whole_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let before = s.latest_sequence();
+    let err = s.write(&[board(1, 10), pin(100, 10, 1, 1, &[]), pin(101, 10, 9, 1, &[])], Durability::Sync);
+    assert!(matches!(err, Err(Error::BoardNotFound(b)) if b == bid(9)));
+    assert_eq!(s.latest_sequence(), before);
+    assert_eq!(s.ordinal(pid(100)).unwrap(), None);
+    assert!(s.board(bid(1)).unwrap().is_none());
+    assert_eq!(s.next_ordinal(), 0);
+    // A board of another owner is refused too.
+    s.write(&[board(1, 10)], Durability::Sync).unwrap();
+    assert!(matches!(
+        s.write(&[pin(100, 11, 1, 1, &[])], Durability::Sync),
+        Err(Error::OwnerMismatch { .. })
+    ));
+}
+
+#[test]
+fn unknown_ids_read_as_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    assert!(s.user_pins(uid(5)).unwrap().is_empty());
+    assert!(s.board_pins(bid(5)).unwrap().is_empty());
+    assert!(s.topic_pins(tid(5)).unwrap().is_empty());
+    assert!(s.seen(uid(5)).unwrap().is_empty());
+    assert!(s.filter(FilterKind::Spam).unwrap().is_empty());
+    assert_eq!(s.follows(uid(5)).unwrap(), Follows::default());
+    assert!(s.pin(pid(5)).unwrap().is_none());
+    assert!(s.user(uid(5)).unwrap().is_none());
+    assert_eq!(s.board_pins_many(&[bid(1), bid(2)]).unwrap().len(), 2);
+    // Pin-level writes on unknown pins are counted no-ops.
+    let out =
+        s.write(&[Mutation::DeletePin(PinRef { pin: pid(5), owner: uid(1) })], Durability::Buffered).unwrap();
+    assert_eq!(out.unknown_pins, 1);
+}
+
+#[test]
+fn follows_blocks_filters_and_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let r = |p| PinRef { pin: pid(p), owner: uid(10) };
+    s.write(
+        &[
+            board(1, 10),
+            pin(100, 10, 1, 1, &[]),
+            pin(101, 10, 1, 2, &[]),
+            pin(102, 10, 1, 3, &[]),
+            Mutation::Follow { follower: uid(1), target: FollowTarget::User(uid(10)) },
+            Mutation::Follow {
+                follower: uid(1),
+                target: FollowTarget::Board { board: bid(1), owner: uid(10) },
+            },
+            Mutation::Follow { follower: uid(1), target: FollowTarget::Topic(tid(4)) },
+            Mutation::Follow { follower: uid(2), target: FollowTarget::User(uid(10)) },
+            Mutation::BlockUser { user: uid(1), blocked: uid(66) },
+            Mutation::DeletePin(r(100)),
+            Mutation::FlagPin { pin: r(101), flag: PinFlag::Spam, on: true },
+            Mutation::FlagPin { pin: r(102), flag: PinFlag::Unsafe, on: true },
+            Mutation::FlagPin { pin: r(102), flag: PinFlag::Unsafe, on: false },
+            Mutation::RecordImpressions { user: uid(1), pins: vec![r(101), r(102), r(999)] },
+        ],
+        Durability::Sync,
+    )
+    .unwrap();
+    let f = s.follows(uid(1)).unwrap();
+    assert_eq!(f.users, [uid(10)]);
+    assert_eq!(f.boards, [(bid(1), uid(10))]);
+    assert_eq!(f.topics, [tid(4)]);
+    assert_eq!(f.blocked, [uid(66)]);
+    assert_eq!(ids(&s.filter(FilterKind::Deleted).unwrap()), [0]);
+    assert_eq!(ids(&s.filter(FilterKind::Spam).unwrap()), [1]);
+    assert!(s.filter(FilterKind::Unsafe).unwrap().is_empty());
+    assert_eq!(ids(&s.seen(uid(1)).unwrap()), [1, 2]);
+    let a = s.attributes();
+    assert!(a.get(0).unwrap().deleted && a.get(1).unwrap().spam && !a.get(2).unwrap().is_unsafe);
+    drop(a);
+    s.write(
+        &[
+            Mutation::Unfollow { follower: uid(1), target: FollowTarget::User(uid(10)) },
+            Mutation::UnblockUser { user: uid(1), blocked: uid(66) },
+        ],
+        Durability::Sync,
+    )
+    .unwrap();
+    let f = s.follows(uid(1)).unwrap();
+    assert!(f.users.is_empty() && f.blocked.is_empty() && f.boards.len() == 1);
+    assert_eq!(s.follows(uid(2)).unwrap().users, [uid(10)]);
+}
+
+#[test]
+fn reopen_keeps_everything_and_never_reuses_ordinals() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(dir.path());
+        s.write(&[board(1, 10), pin(100, 10, 1, 5, &[3]), pin(101, 10, 1, 6, &[3])], Durability::Sync)
+            .unwrap();
+        s.write(
+            &[Mutation::UpdateSignals {
+                pin: PinRef { pin: pid(101), owner: uid(10) },
+                update: feedgraph_model::SignalsUpdate { saves: Some(42), ..Default::default() },
+            }],
+            Durability::Sync,
+        )
+        .unwrap();
+        s.flush().unwrap();
+    }
+    let s = open(dir.path());
+    assert_eq!(s.next_ordinal(), 2);
+    assert_eq!(ids(&s.topic_pins(tid(3)).unwrap()), [0, 1]);
+    assert_eq!(s.attributes().get(1).unwrap().signals.saves, 42);
+    assert_eq!(s.attributes().len(), 2);
+    s.write(&[pin(102, 10, 1, 7, &[])], Durability::Sync).unwrap();
+    assert_eq!(s.ordinal(pid(102)).unwrap(), Some(2));
+    drop(s);
+    // A directory of another shard is refused.
+    assert!(matches!(
+        Shard::open(dir.path(), &ShardOptions::new(4)),
+        Err(Error::ShardMismatch { expected: 4, found: 3 })
+    ));
+}
+
+#[test]
+fn bulk_load_sorts_by_time_skips_existing_and_reports_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.write(&[board(1, 10), pin(500, 10, 1, 1, &[])], Durability::Sync).unwrap();
+    let pins: Vec<Pin> = (0..1000u64)
+        .map(|i| Pin {
+            id: pid(1000 - i),
+            owner: uid(10),
+            board: bid(1 + i % 2),
+            created_at_ms: 10_000 - i as i64,
+            topics: vec![tid(1 + (i % 3) as u32)],
+            signals: PinSignals::default(),
+        })
+        .collect();
+    let mut with_dup = pins.clone();
+    with_dup.push(pins[0].clone());
+    let mut reports = Vec::new();
+    let stats = s
+        .bulk_load(
+            BulkLoad {
+                users: vec![User { id: uid(10), username: "ten".into() }],
+                boards: vec![Board { id: bid(2), owner: uid(10), name: "two".into() }],
+                pins: with_dup,
+                follows: vec![(uid(1), FollowTarget::User(uid(10)))],
+            },
+            300,
+            &mut |p| reports.push(*p),
+        )
+        .unwrap();
+    // pin 500 exists already; one duplicate.
+    assert_eq!(stats.pins_loaded, 999);
+    assert_eq!(stats.pins_skipped, 2);
+    assert_eq!(reports.len(), 4);
+    assert_eq!(reports.last().unwrap().pins_done, 1001);
+    // Ordinals follow creation time: the oldest pin (id 1, t = 9001) comes first.
+    assert_eq!(s.ordinal(pid(1)).unwrap(), Some(1));
+    assert_eq!(s.ordinal(pid(1000)).unwrap(), Some(999));
+    assert_eq!(s.user_pins(uid(10)).unwrap().len(), 1000);
+    assert_eq!(s.follows(uid(1)).unwrap().users, [uid(10)]);
+    assert_eq!(s.attributes().len(), 1000);
+    // A pin on an unknown board fails the load before anything is written.
+    let seq = s.latest_sequence();
+    let bad = BulkLoad {
+        pins: vec![Pin {
+            id: pid(77_777),
+            owner: uid(10),
+            board: bid(99),
+            created_at_ms: 1,
+            topics: vec![],
+            signals: PinSignals::default(),
+        }],
+        ..Default::default()
+    };
+    assert!(matches!(s.bulk_load(bad, 10, &mut |_| {}), Err(Error::BoardNotFound(_))));
+    assert_eq!(s.latest_sequence(), seq);
+}
+
+#[test]
+fn corrupt_values_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.write(&[board(1, 10), pin(100, 10, 1, 1, &[])], Durability::Sync).unwrap();
+    // Corrupt a stored bitmap, a merge operand, a pin record and a follow entry.
+    s.db.put_cf(s.cf(Cf::BoardPins), u64_key(1), b"garbage").unwrap();
+    assert!(matches!(s.board_pins(bid(1)), Err(Error::Corrupt { .. })));
+    s.db.merge_cf(s.cf(Cf::TopicPins), u32_key(9), [42u8, 1]).unwrap();
+    assert!(s.topic_pins(tid(9)).is_err());
+    s.db.put_cf(s.cf(Cf::Pins), ordinal_key(0), b"x").unwrap();
+    assert!(matches!(s.pin(pid(100)), Err(Error::Corrupt { .. })));
+    s.db.put_cf(s.cf(Cf::Follows), [0, 0, 0, 0, 0, 0, 0, 1, 9], b"").unwrap();
+    assert!(matches!(s.follows(uid(1)), Err(Error::Corrupt { .. })));
+    drop(s);
+    // A corrupt pin record refuses the open rather than serving bad attributes.
+    assert!(matches!(Shard::open(dir.path(), &ShardOptions::new(3)), Err(Error::Corrupt { .. })));
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Add(u8, Vec<u32>),
+    Remove(u8, Vec<u32>),
+    Flush,
+    Compact,
+    Reopen,
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    let ids = proptest::collection::vec(0u32..200_000, 1..40);
+    prop_oneof![
+        6 => (0u8..4, ids.clone()).prop_map(|(k, v)| Step::Add(k, v)),
+        4 => (0u8..4, ids).prop_map(|(k, v)| Step::Remove(k, v)),
+        1 => Just(Step::Flush),
+        1 => Just(Step::Compact),
+        1 => Just(Step::Reopen),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// The merge operator against a model: random add/remove sequences on a few
+    /// keys, with flushes (partial merges of memtable operands), compactions (full
+    /// merges) and reopens in between, read back equal to a `BTreeSet` per key.
+    #[test]
+    fn merge_operator_matches_a_set_model(steps in proptest::collection::vec(step(), 1..60)) {
+        use std::collections::BTreeSet;
+        let dir = tempfile::tempdir().unwrap();
+        let mut shard = open(dir.path());
+        let mut model: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); 4];
+        let key = |k: u8| u64_key(u64::from(k) + 1);
+        for step in steps {
+            match step {
+                Step::Add(k, ids) => {
+                    shard.db.merge_cf(shard.cf(Cf::BoardPins), key(k), Delta::add(ids.iter().copied()).encode()).unwrap();
+                    model[k as usize].extend(ids);
+                }
+                Step::Remove(k, ids) => {
+                    shard.db.merge_cf(shard.cf(Cf::BoardPins), key(k), Delta::remove(ids.iter().copied()).encode()).unwrap();
+                    for id in ids { model[k as usize].remove(&id); }
+                }
+                Step::Flush => shard.flush().unwrap(),
+                Step::Compact => shard.compact().unwrap(),
+                Step::Reopen => {
+                    drop(shard);
+                    shard = open(dir.path());
+                }
+            }
+            for (k, expected) in model.iter().enumerate() {
+                let got: BTreeSet<u32> = shard.board_pins(bid(k as u64 + 1)).unwrap().iter().collect();
+                proptest::prop_assert_eq!(&got, expected);
+            }
+        }
+    }
+}
+
+#[test]
+fn flushing_many_operands_runs_the_partial_merge() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.db.put_cf(s.cf(Cf::BoardPins), u64_key(1), bitmap::encode_bitmap(&(0..10).collect())).unwrap();
+    s.flush().unwrap();
+    let before = bitmap::PARTIAL_MERGES.load(Ordering::Relaxed);
+    for i in 0..20u32 {
+        let d = if i % 3 == 0 { Delta::remove([i / 2]) } else { Delta::add([100 + i]) };
+        s.db.merge_cf(s.cf(Cf::BoardPins), u64_key(1), d.encode()).unwrap();
+    }
+    s.flush().unwrap();
+    assert!(bitmap::PARTIAL_MERGES.load(Ordering::Relaxed) > before);
+    let mut expected: RoaringBitmap = (0..10).collect();
+    for i in 0..20u32 {
+        if i % 3 == 0 {
+            expected.remove(i / 2);
+        } else {
+            expected.insert(100 + i);
+        }
+    }
+    assert_eq!(s.board_pins(bid(1)).unwrap(), expected);
+    s.compact().unwrap();
+    assert_eq!(s.board_pins(bid(1)).unwrap(), expected);
+}
+
+#[test]
+fn cached_reads_follow_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let r = |p| PinRef { pin: pid(p), owner: uid(10) };
+    s.write(&[board(1, 10), board(2, 10), pin(100, 10, 1, 1, &[5])], Durability::Buffered).unwrap();
+    let read = |s: &Shard| {
+        (
+            ids(&s.board_pins_cached(&[bid(1), bid(2)]).unwrap()[0]),
+            ids(&s.board_pins_cached(&[bid(2)]).unwrap()[0]),
+            ids(&s.topic_pins_cached(&[tid(5)]).unwrap()[0]),
+            ids(&s.user_pins_cached(&[uid(10)]).unwrap()[0]),
+            ids(&s.filters_cached().unwrap()[1]),
+        )
+    };
+    assert_eq!(read(&s), (vec![0], vec![], vec![0], vec![0], vec![]));
+    // The reads were cached (board 1 is (2, 1)), and this write drops exactly what
+    // it changes: boards 1 and 2, topic 5, user 10 — not board 3's entry.
+    s.board_pins_cached(&[bid(3)]).unwrap();
+    assert!(s.cache.bitmaps.contains_key(&(2, 1)) && s.cache.bitmaps.contains_key(&(2, 3)));
+    s.write(&[pin(101, 10, 1, 2, &[5]), pin(100, 10, 2, 1, &[])], Durability::Buffered).unwrap();
+    assert!(!s.cache.bitmaps.contains_key(&(2, 1)) && !s.cache.bitmaps.contains_key(&(3, 5)));
+    assert!(s.cache.bitmaps.contains_key(&(2, 3)));
+    assert_eq!(read(&s), (vec![1], vec![0], vec![1], vec![0, 1], vec![]));
+    s.write(&[Mutation::FlagPin { pin: r(101), flag: PinFlag::Spam, on: true }], Durability::Buffered)
+        .unwrap();
+    assert_eq!(read(&s).4, vec![1]);
+    let load = BulkLoad {
+        pins: vec![Pin {
+            id: pid(102),
+            owner: uid(10),
+            board: bid(2),
+            created_at_ms: 3,
+            topics: vec![tid(5)],
+            signals: PinSignals::default(),
+        }],
+        ..Default::default()
+    };
+    s.bulk_load(load, 10, &mut |_| {}).unwrap();
+    assert_eq!(read(&s), (vec![1], vec![0, 2], vec![1, 2], vec![0, 1, 2], vec![1]));
+
+    // Follow lists: cached, and dropped by the follower's own follow and block writes.
+    assert!(s.follows_cached(uid(1)).unwrap().users.is_empty());
+    assert!(s.cache.follows.contains_key(&uid(1)));
+    s.write(
+        &[Mutation::Follow { follower: uid(2), target: FollowTarget::User(uid(10)) }],
+        Durability::Buffered,
+    )
+    .unwrap();
+    assert!(s.cache.follows.contains_key(&uid(1)), "another user's follow keeps user 1's entry");
+    s.write(
+        &[Mutation::Follow { follower: uid(1), target: FollowTarget::User(uid(10)) }],
+        Durability::Buffered,
+    )
+    .unwrap();
+    assert!(!s.cache.follows.contains_key(&uid(1)));
+    assert_eq!(s.follows_cached(uid(1)).unwrap().users, [uid(10)]);
+    s.write(&[Mutation::BlockUser { user: uid(1), blocked: uid(66) }], Durability::Buffered).unwrap();
+    assert_eq!(s.follows_cached(uid(1)).unwrap().blocked, [uid(66)]);
+}
+
+#[test]
+fn several_shards_open_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards: Vec<Shard> = (0..4)
+        .map(|i| Shard::open(dir.path().join(format!("shard-{i}")), &ShardOptions::new(i)).unwrap())
+        .collect();
+    for (i, s) in shards.iter().enumerate() {
+        let owner = 10 + i as u64;
+        s.write(&[board(1, owner), pin(100, owner, 1, 1, &[])], Durability::Buffered).unwrap();
+    }
+    for (i, s) in shards.iter().enumerate() {
+        assert_eq!(s.id(), i as u32);
+        assert_eq!(s.attributes().get(0).unwrap().owner, 10 + i as u64);
+    }
+}
+
+/// A follower recovers from the shipped batch exactly the effects the leader prepared
+/// (attribute rows, next ordinal, cache keys, follow lists), for every mutation kind.
+#[test]
+fn a_batch_carries_the_effects_its_writer_prepared() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.write(
+        &[board(1, 10), board(2, 10), pin(100, 10, 1, 1, &[3]), pin(101, 10, 1, 2, &[4])],
+        Durability::Buffered,
+    )
+    .unwrap();
+    let r = |p| PinRef { pin: pid(p), owner: uid(10) };
+    let writes: Vec<Vec<Mutation>> = vec![
+        vec![pin(102, 10, 2, 3, &[3, 5]), pin(100, 10, 2, 1, &[5])],
+        vec![Mutation::UpsertUser(User { id: uid(10), username: "ten".into() }), board(3, 10)],
+        vec![
+            Mutation::Follow { follower: uid(1), target: FollowTarget::User(uid(10)) },
+            Mutation::Unfollow { follower: uid(2), target: FollowTarget::Topic(tid(3)) },
+            Mutation::BlockUser { user: uid(3), blocked: uid(4) },
+            Mutation::UnblockUser { user: uid(5), blocked: uid(4) },
+        ],
+        vec![Mutation::DeletePin(r(101)), Mutation::FlagPin { pin: r(100), flag: PinFlag::Spam, on: true }],
+        vec![
+            Mutation::RecordImpressions { user: uid(7), pins: vec![r(100), r(102), r(999)] },
+            Mutation::UpdateSignals {
+                pin: r(102),
+                update: feedgraph_model::SignalsUpdate { quality: Some(0.9), ..Default::default() },
+            },
+            Mutation::FlagPin { pin: r(100), flag: PinFlag::Spam, on: false },
+        ],
+    ];
+    for muts in writes {
+        let next = s.lock_writer().next_ordinal;
+        let prepared = write::prepare(&s, next, &muts).unwrap();
+        let decoded = write::Effects::decode(&prepared.batch, &s.cf_ids).unwrap();
+        assert_eq!(decoded, prepared.effects, "{muts:?}");
+        s.write(&muts, Durability::Buffered).unwrap();
+    }
+    // An epoch start carries the new history.
+    s.lead(9).unwrap();
+    let batch = s.updates_since(s.latest_sequence() - 1, usize::MAX).unwrap().pop().unwrap();
+    let effects = write::Effects::decode(&rocksdb::WriteBatch::from_data(&batch.data), &s.cf_ids).unwrap();
+    assert_eq!(effects.epochs.unwrap().current(), 9);
+}
+
+/// The ordinal watermark is published after the rows and bitmaps it covers: a reader
+/// that takes the watermark first never meets an ordinal without its row.
+#[test]
+fn the_watermark_never_runs_ahead_of_the_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(open(dir.path()));
+    s.write(&[board(1, 10)], Durability::Buffered).unwrap();
+    let writer = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            for i in 0..2_000u64 {
+                s.write(&[pin(1_000 + i, 10, 1, i as i64, &[])], Durability::Buffered).unwrap();
+            }
+        })
+    };
+    let mut checks = 0u64;
+    while !writer.is_finished() {
+        let watermark = s.next_ordinal();
+        let rows = s.attributes().len() as u32;
+        let bitmap = s.board_pins_cached(&[bid(1)]).unwrap()[0].clone();
+        assert!(rows >= watermark, "watermark {watermark} ahead of {rows} rows");
+        assert!(
+            bitmap.range_cardinality(..watermark) == u64::from(watermark),
+            "bitmap lacks ordinals below {watermark}"
+        );
+        checks += 1;
+    }
+    writer.join().unwrap();
+    assert!(checks > 0);
+}

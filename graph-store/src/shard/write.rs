@@ -1,0 +1,434 @@
+//! The one write path of a shard, shared by the leader and its followers:
+//!
+//! - on the leader, [`prepare`] turns mutations into a `WriteBatch` and the [`Effects`]
+//!   it will have beyond RocksDB (attribute rows, next ordinal, cache invalidations,
+//!   epoch history);
+//! - on a follower, [`Effects::decode`] recovers the same effects from the shipped
+//!   batch itself (it names every pin record, bitmap key and follow entry it writes);
+//! - both then go through [`Shard::apply`], which publishes the new ordinal watermark
+//!   last.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use feedgraph_model::{BoardId, Durability, FollowTarget, Mutation, Pin, PinFlag, PinId, PinRef, UserId};
+use rocksdb::{WriteBatch, WriteBatchIteratorCf};
+
+use crate::bitmap::Delta;
+use crate::record::{
+    EdgeKind, FilterKind, PinRecord, decode_ordinal, encode_board, follow_key, ordinal_key, u32_key, u64_key,
+};
+use crate::{Error, Result};
+
+use super::epochs::EpochHistory;
+use super::schema::{Cf, CfIds, META_EPOCHS, META_NEXT_ORDINAL};
+use super::{Shard, WriterState};
+
+/// What a committed batch changes in memory, beyond RocksDB.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Effects {
+    /// Pin records written, by ordinal (the last one wins within a batch).
+    pub(crate) records: BTreeMap<u32, PinRecord>,
+    /// The stored next ordinal, when the batch changed it.
+    pub(crate) next_ordinal: Option<u32>,
+    /// Bitmap keys changed (cache invalidation).
+    pub(crate) bitmap_keys: BTreeSet<(Cf, Vec<u8>)>,
+    /// Users whose follow or block lists changed (cache invalidation).
+    pub(crate) follow_users: BTreeSet<UserId>,
+    /// The epoch history, when the batch starts an epoch.
+    pub(crate) epochs: Option<EpochHistory>,
+}
+
+impl Effects {
+    /// Recovers the effects of a batch from its operations. A batch naming a column
+    /// family this database does not have, or holding a record that does not decode, is
+    /// refused before anything is written.
+    pub(crate) fn decode(batch: &WriteBatch, ids: &CfIds) -> Result<Effects> {
+        struct Decoder<'a> {
+            ids: &'a CfIds,
+            effects: Effects,
+            error: Option<Error>,
+        }
+        impl Decoder<'_> {
+            fn op(&mut self, cf_id: u32, key: &[u8], value: Option<&[u8]>, merge: bool) {
+                if self.error.is_some() {
+                    return;
+                }
+                let Some(cf) = self.ids.get(cf_id) else {
+                    self.error =
+                        Some(Error::ReplicatedBatch(format!("names column family id {cf_id}, unknown here")));
+                    return;
+                };
+                let result = match (cf, value) {
+                    (Cf::Pins, Some(value)) if !merge => decode_ordinal(key)
+                        .zip(PinRecord::decode(value))
+                        .map(|(ordinal, record)| {
+                            self.effects.records.insert(ordinal, record);
+                        })
+                        .ok_or_else(|| {
+                            Error::corrupt(Cf::Pins.name(), key, "bad pin record in a replicated batch")
+                        }),
+                    (Cf::Pins, _) => Err(Error::ReplicatedBatch("deletes or merges a pin record".into())),
+                    (Cf::Meta, Some(value)) if key == META_NEXT_ORDINAL => value
+                        .try_into()
+                        .ok()
+                        .map(u64::from_le_bytes)
+                        .and_then(|n| u32::try_from(n).ok())
+                        .map(|n| self.effects.next_ordinal = Some(n))
+                        .ok_or_else(|| Error::corrupt(Cf::Meta.name(), key, "bad next ordinal")),
+                    (Cf::Meta, Some(value)) if key == META_EPOCHS => EpochHistory::decode(value)
+                        .map(|h| self.effects.epochs = Some(h))
+                        .ok_or_else(|| Error::corrupt(Cf::Meta.name(), key, "bad epoch history")),
+                    (cf, _) if cf.is_bitmap() => {
+                        self.effects.bitmap_keys.insert((cf, key.to_vec()));
+                        Ok(())
+                    }
+                    (Cf::Follows, _) => key
+                        .first_chunk::<8>()
+                        .and_then(|u| UserId::new(u64::from_be_bytes(*u)))
+                        .map(|u| {
+                            self.effects.follow_users.insert(u);
+                        })
+                        .ok_or_else(|| Error::corrupt(Cf::Follows.name(), key, "bad follow key")),
+                    _ => Ok(()),
+                };
+                if let Err(e) = result {
+                    self.error = Some(e);
+                }
+            }
+        }
+        impl WriteBatchIteratorCf for Decoder<'_> {
+            fn put_cf(&mut self, cf_id: u32, key: &[u8], value: &[u8]) {
+                self.op(cf_id, key, Some(value), false);
+            }
+            fn delete_cf(&mut self, cf_id: u32, key: &[u8]) {
+                self.op(cf_id, key, None, false);
+            }
+            fn merge_cf(&mut self, cf_id: u32, key: &[u8], value: &[u8]) {
+                self.op(cf_id, key, Some(value), true);
+            }
+        }
+        let mut decoder = Decoder { ids, effects: Effects::default(), error: None };
+        batch.iterate_cf(&mut decoder);
+        match decoder.error {
+            Some(e) => Err(e),
+            None => Ok(decoder.effects),
+        }
+    }
+}
+
+impl Shard {
+    /// Commits `batch` and makes its effects visible, in this order: RocksDB, the read
+    /// caches, the attribute rows, then the published next ordinal — readers bound their
+    /// scans by it, so they never meet an ordinal whose row or bitmaps are not in place
+    /// — then the epoch history and the commit listener. The caller holds the writer.
+    pub(crate) fn apply(
+        &self,
+        writer: &mut WriterState,
+        batch: WriteBatch,
+        effects: &Effects,
+        durability: Durability,
+    ) -> Result<u64> {
+        self.commit(batch, durability)?;
+        self.cache.invalidate(
+            effects.bitmap_keys.iter().map(|(cf, key)| (*cf, key.as_slice())),
+            effects.follow_users.iter().copied(),
+        );
+        if !effects.records.is_empty() {
+            let mut attrs = self.attrs_mut();
+            attrs.reserve(effects.records.len());
+            for (ordinal, record) in &effects.records {
+                attrs.set(*ordinal, record);
+            }
+        }
+        if let Some(next) = effects.next_ordinal {
+            writer.next_ordinal = next;
+            self.committed_next_ordinal.store(next, std::sync::atomic::Ordering::Release);
+        }
+        if let Some(history) = &effects.epochs {
+            *self.history.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(history.clone());
+        }
+        let sequence = self.latest_sequence();
+        self.notify_commit(sequence);
+        Ok(sequence)
+    }
+
+    pub(crate) fn commit(&self, batch: WriteBatch, durability: Durability) -> Result<()> {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(durability == Durability::Sync);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+}
+
+/// What [`prepare`] returns besides the batch.
+pub(crate) struct Prepared {
+    pub(crate) batch: WriteBatch,
+    pub(crate) effects: Effects,
+    pub(crate) unknown_pins: usize,
+}
+
+/// Builds one write request into a batch and its effects, reading what it needs
+/// (validation failures write nothing: nothing is committed here).
+pub(crate) fn prepare(shard: &Shard, next_ordinal: u32, mutations: &[Mutation]) -> Result<Prepared> {
+    let mut w = BatchBuilder::new(shard, next_ordinal);
+    for m in mutations {
+        w.apply(m)?;
+    }
+    let BatchBuilder { mut batch, deltas, records, next_ordinal: next, unknown_pins, follow_changes, .. } = w;
+    let mut bitmap_keys = BTreeSet::new();
+    for ((cf, key), delta) in deltas {
+        if !delta.is_empty() {
+            batch.merge_cf(shard.cf(cf), &key, delta.encode());
+            bitmap_keys.insert((cf, key));
+        }
+    }
+    let next_ordinal = (next != next_ordinal).then(|| {
+        batch.put_cf(shard.cf(Cf::Meta), META_NEXT_ORDINAL, u64::from(next).to_le_bytes());
+        next
+    });
+    let effects = Effects {
+        records,
+        next_ordinal,
+        bitmap_keys,
+        follow_users: follow_changes.into_iter().collect(),
+        epochs: None,
+    };
+    Ok(Prepared { batch, effects, unknown_pins })
+}
+
+pub(crate) fn follow_entry(follower: UserId, target: FollowTarget) -> ([u8; 17], Vec<u8>) {
+    match target {
+        FollowTarget::User(u) => (follow_key(follower, EdgeKind::User, u.get()), Vec::new()),
+        FollowTarget::Board { board, owner } => {
+            (follow_key(follower, EdgeKind::Board, board.get()), owner.get().to_le_bytes().to_vec())
+        }
+        FollowTarget::Topic(t) => (follow_key(follower, EdgeKind::Topic, u64::from(t.get())), Vec::new()),
+    }
+}
+
+/// Accumulates one write request into a `WriteBatch`, with an overlay of what the
+/// batch itself created so that later mutations see earlier ones.
+struct BatchBuilder<'a> {
+    shard: &'a Shard,
+    batch: WriteBatch,
+    /// Bitmap changes, aggregated per key (one merge operand per key per batch).
+    deltas: BTreeMap<(Cf, Vec<u8>), Delta>,
+    /// Pins created or changed by this batch, by ordinal.
+    records: BTreeMap<u32, PinRecord>,
+    new_ordinals: HashMap<PinId, u32>,
+    boards: HashMap<BoardId, UserId>,
+    next_ordinal: u32,
+    unknown_pins: usize,
+    /// Users whose follow or block lists this batch changes.
+    follow_changes: HashSet<UserId>,
+}
+
+impl<'a> BatchBuilder<'a> {
+    fn new(shard: &'a Shard, next_ordinal: u32) -> Self {
+        Self {
+            shard,
+            batch: WriteBatch::default(),
+            deltas: BTreeMap::new(),
+            records: BTreeMap::new(),
+            new_ordinals: HashMap::new(),
+            boards: HashMap::new(),
+            next_ordinal,
+            unknown_pins: 0,
+            follow_changes: HashSet::new(),
+        }
+    }
+
+    fn change(&mut self, cf: Cf, key: Vec<u8>, delta: Delta) {
+        let slot = self.deltas.entry((cf, key)).or_default();
+        *slot = std::mem::take(slot).then(&delta);
+    }
+
+    fn board_owner(&mut self, board: BoardId) -> Result<Option<UserId>> {
+        if let Some(o) = self.boards.get(&board) {
+            return Ok(Some(*o));
+        }
+        let owner = self.shard.board_record(board)?.map(|(o, _)| o);
+        if let Some(o) = owner {
+            self.boards.insert(board, o);
+        }
+        Ok(owner)
+    }
+
+    /// The pin's ordinal and current record (this batch's version if it changed it).
+    fn existing_pin(&mut self, pin: PinId) -> Result<Option<(u32, PinRecord)>> {
+        let ordinal = match self.new_ordinals.get(&pin) {
+            Some(o) => *o,
+            None => match self.shard.ordinal(pin)? {
+                Some(o) => o,
+                None => return Ok(None),
+            },
+        };
+        if let Some(rec) = self.records.get(&ordinal) {
+            return Ok(Some((ordinal, rec.clone())));
+        }
+        match self.shard.pin_at(ordinal)? {
+            Some(rec) => Ok(Some((ordinal, rec))),
+            None => Err(Error::corrupt(
+                Cf::Pins.name(),
+                &ordinal_key(ordinal),
+                "pin id maps to a missing ordinal",
+            )),
+        }
+    }
+
+    /// Like `existing_pin`, for pin-level mutations: an unknown pin counts as unknown
+    /// and is a no-op; one stored with another owner is refused.
+    fn referenced_pin(&mut self, pin: PinRef) -> Result<Option<(u32, PinRecord)>> {
+        match self.existing_pin(pin.pin)? {
+            Some((ordinal, rec)) if rec.owner == pin.owner => Ok(Some((ordinal, rec))),
+            Some((_, rec)) => Err(Error::OwnerMismatch {
+                what: format!("pin {}", pin.pin),
+                actual: rec.owner,
+                claimed: pin.owner,
+            }),
+            None => {
+                self.unknown_pins += 1;
+                Ok(None)
+            }
+        }
+    }
+
+    fn put_record(&mut self, ordinal: u32, rec: PinRecord) {
+        self.batch.put_cf(self.shard.cf(Cf::Pins), ordinal_key(ordinal), rec.encode());
+        self.records.insert(ordinal, rec);
+    }
+
+    fn apply(&mut self, m: &Mutation) -> Result<()> {
+        let shard = self.shard;
+        let cf = |c| shard.cf(c);
+        match m {
+            Mutation::UpsertUser(u) => {
+                self.batch.put_cf(cf(Cf::Users), u64_key(u.id.get()), u.username.as_bytes());
+            }
+            Mutation::UpsertBoard(b) => {
+                if let Some(owner) = self.board_owner(b.id)? {
+                    Error::check_owner(|| format!("board {}", b.id), owner, b.owner)?;
+                }
+                self.batch.put_cf(cf(Cf::Boards), u64_key(b.id.get()), encode_board(b.owner, &b.name));
+                self.boards.insert(b.id, b.owner);
+            }
+            Mutation::UpsertPin(p) => self.upsert_pin(p)?,
+            Mutation::Follow { follower, target } => {
+                let (key, value) = follow_entry(*follower, *target);
+                self.batch.put_cf(cf(Cf::Follows), key, value);
+                self.follow_changes.insert(*follower);
+            }
+            Mutation::Unfollow { follower, target } => {
+                let (key, _) = follow_entry(*follower, *target);
+                self.batch.delete_cf(cf(Cf::Follows), key);
+                self.follow_changes.insert(*follower);
+            }
+            Mutation::BlockUser { user, blocked } => {
+                self.batch.put_cf(cf(Cf::Follows), follow_key(*user, EdgeKind::Blocked, blocked.get()), []);
+                self.follow_changes.insert(*user);
+            }
+            Mutation::UnblockUser { user, blocked } => {
+                self.batch.delete_cf(cf(Cf::Follows), follow_key(*user, EdgeKind::Blocked, blocked.get()));
+                self.follow_changes.insert(*user);
+            }
+            Mutation::DeletePin(pin) => {
+                if let Some((ordinal, mut rec)) = self.referenced_pin(*pin)? {
+                    rec.deleted = true;
+                    self.put_record(ordinal, rec);
+                    self.change(Cf::Filters, FilterKind::Deleted.key().to_vec(), Delta::add([ordinal]));
+                }
+            }
+            Mutation::FlagPin { pin, flag, on } => {
+                if let Some((ordinal, mut rec)) = self.referenced_pin(*pin)? {
+                    let kind = match flag {
+                        PinFlag::Spam => {
+                            rec.spam = *on;
+                            FilterKind::Spam
+                        }
+                        PinFlag::Unsafe => {
+                            rec.is_unsafe = *on;
+                            FilterKind::Unsafe
+                        }
+                    };
+                    self.put_record(ordinal, rec);
+                    let delta = if *on { Delta::add([ordinal]) } else { Delta::remove([ordinal]) };
+                    self.change(Cf::Filters, kind.key().to_vec(), delta);
+                }
+            }
+            Mutation::RecordImpressions { user, pins } => {
+                let mut ordinals = Vec::with_capacity(pins.len());
+                for pin in pins {
+                    match self.existing_pin(pin.pin)? {
+                        Some((ordinal, rec)) if rec.owner == pin.owner => ordinals.push(ordinal),
+                        _ => self.unknown_pins += 1,
+                    }
+                }
+                if !ordinals.is_empty() {
+                    self.change(Cf::Seen, u64_key(user.get()).to_vec(), Delta::add(ordinals));
+                }
+            }
+            Mutation::UpdateSignals { pin, update } => {
+                if let Some((ordinal, mut rec)) = self.referenced_pin(*pin)? {
+                    update.apply_to(&mut rec.signals);
+                    self.put_record(ordinal, rec);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn upsert_pin(&mut self, p: &Pin) -> Result<()> {
+        let board_owner = self.board_owner(p.board)?.ok_or(Error::BoardNotFound(p.board))?;
+        Error::check_owner(|| format!("board {} of pin {}", p.board, p.id), board_owner, p.owner)?;
+        match self.existing_pin(p.id)? {
+            Some((ordinal, old)) => {
+                Error::check_owner(|| format!("pin {}", p.id), old.owner, p.owner)?;
+                if old.board != p.board {
+                    self.change(Cf::BoardPins, u64_key(old.board.get()).to_vec(), Delta::remove([ordinal]));
+                    self.change(Cf::BoardPins, u64_key(p.board.get()).to_vec(), Delta::add([ordinal]));
+                }
+                for t in old.topics.iter().filter(|t| !p.topics.contains(t)) {
+                    self.change(Cf::TopicPins, u32_key(t.get()).to_vec(), Delta::remove([ordinal]));
+                }
+                for t in p.topics.iter().filter(|t| !old.topics.contains(t)) {
+                    self.change(Cf::TopicPins, u32_key(t.get()).to_vec(), Delta::add([ordinal]));
+                }
+                let rec = PinRecord {
+                    board: p.board,
+                    created_at_ms: p.created_at_ms,
+                    topics: p.topics.clone(),
+                    signals: p.signals,
+                    ..old
+                };
+                self.put_record(ordinal, rec);
+            }
+            None => {
+                let ordinal = self.next_ordinal;
+                self.next_ordinal = ordinal
+                    .checked_add(1)
+                    .filter(|n| *n < u32::MAX)
+                    .ok_or(Error::OrdinalsExhausted { shard: self.shard.id })?;
+                self.new_ordinals.insert(p.id, ordinal);
+                self.batch.put_cf(self.shard.cf(Cf::PinIds), u64_key(p.id.get()), ordinal.to_le_bytes());
+                self.change(Cf::UserPins, u64_key(p.owner.get()).to_vec(), Delta::add([ordinal]));
+                self.change(Cf::BoardPins, u64_key(p.board.get()).to_vec(), Delta::add([ordinal]));
+                for t in &p.topics {
+                    self.change(Cf::TopicPins, u32_key(t.get()).to_vec(), Delta::add([ordinal]));
+                }
+                let rec = PinRecord {
+                    id: p.id,
+                    owner: p.owner,
+                    board: p.board,
+                    created_at_ms: p.created_at_ms,
+                    topics: p.topics.clone(),
+                    signals: p.signals,
+                    deleted: false,
+                    spam: false,
+                    is_unsafe: false,
+                };
+                self.put_record(ordinal, rec);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,367 @@
+//! The broker: routes writes to shard leaders, and builds feeds — follows of the user
+//! → grouped by owner shard → scatter to a replica of each shard with a deadline →
+//! gather → merge → blend (home) → ML re-ranking of the head (deadline; light-score
+//! fallback) → diversified pages → opaque cursor.
+//!
+//! Split by concept: [`writes`] (routing to leaders, redirects, board checks),
+//! [`reads`] (the viewer's context and point reads, from any caught-up replica with
+//! failover), [`scatter`] (candidate queries: local shards in lanes, remote shards one
+//! RPC each, gathered until the deadline), [`rerank`] (the ML scorer). This module holds
+//! the ranking lifecycle: pagination serves slices of one ranking. The first page
+//! computes the whole ranked list (up to `max_ranked` items) and caches it; later pages
+//! read the cache, or recompute from the snapshot in the cursor (same "now", same
+//! per-shard ordinal bounds) when the cache no longer has it. So pages concatenate to
+//! one ranked list even when pins arrive in between.
+
+mod reads;
+mod rerank;
+mod scatter;
+mod writes;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use feedgraph_graph_store::Shard;
+use feedgraph_model::FeedRequest;
+use feedgraph_scoring::{Expr, ScoreBatch, Scorer};
+use moka::sync::Cache;
+
+use crate::cursor::{CursorCodec, CursorState, FeedKind};
+use crate::features;
+use crate::query::Candidate;
+use crate::rank;
+use crate::shards::{LocalShards, ReadAfter, ShardDirectory};
+use crate::{Error, Result};
+
+pub use writes::WriteResult;
+
+/// Broker settings (validated by the server's configuration layer).
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Largest `page_size` accepted.
+    pub max_page_size: u32,
+    /// Candidates each shard returns per group (following, interest).
+    pub candidates_per_shard: usize,
+    /// Candidates each shard examines at most, newest first.
+    pub scan_limit: usize,
+    /// How long the broker waits for a shard; later answers are dropped and the
+    /// response is flagged partial.
+    pub shard_deadline: Duration,
+    /// Length of a ranking (items over all its pages).
+    pub max_ranked: usize,
+    /// At most this many items of one owner on a page.
+    pub max_per_owner: usize,
+    /// At most this many items of one board on a page.
+    pub max_per_board: usize,
+    /// Share of home-feed positions given to interest candidates.
+    pub home_interest_share: f64,
+    /// How many of the user's newest own pins (saves) define their engaged topics.
+    pub engaged_recent_pins: usize,
+    /// How many engaged topics the home feed draws from.
+    pub engaged_topics: usize,
+    /// How long a computed ranking stays cached for its later pages.
+    pub ranking_ttl: Duration,
+    pub ranking_cache_entries: u64,
+    /// Named light-score expressions.
+    pub rankings: BTreeMap<String, Arc<Expr>>,
+    /// The ranking used when a request names none.
+    pub default_ranking: String,
+    /// Fault injection for tests and drills: extra latency per local shard query.
+    pub shard_delays: HashMap<u32, Duration>,
+    /// Re-rank the head of every ranking with this ML model (none: light scores only).
+    pub model: Option<ModelRanking>,
+}
+
+/// How the broker uses the ML scorer.
+#[derive(Clone, Debug)]
+pub struct ModelRanking {
+    /// The model's name in the scorer's registry.
+    pub name: String,
+    /// How many of the best light-scored candidates the model re-ranks.
+    pub candidates: usize,
+    /// How long the broker waits for the scorer before falling back to light scores.
+    pub deadline: Duration,
+}
+
+/// One page of a feed.
+#[derive(Clone, Debug)]
+pub struct FeedPage {
+    pub items: Vec<Candidate>,
+    pub next_cursor: Option<String>,
+    pub stats: FeedStats,
+}
+
+/// How a page was made.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FeedStats {
+    pub candidates_scanned: u64,
+    pub shards_asked: u32,
+    pub shards_answered: u32,
+    /// Some shard did not answer in time (or failed): built from the others.
+    pub partial: bool,
+    pub scoring: Scoring,
+    /// `name@version` of the model that ranked the page, when `scoring` is `Model`.
+    pub model: Option<String>,
+    /// The page came from a cached ranking (no shard was asked for it).
+    pub from_cache: bool,
+}
+
+/// Which scorer ranked a page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scoring {
+    /// Light-score expression only (no model configured).
+    #[default]
+    Light,
+    /// The ML model re-ranked the head of the list.
+    Model,
+    /// A model is configured but could not score: light scores, and why.
+    LightFallback(FallbackReason),
+}
+
+/// Why the ML scorer was not used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FallbackReason {
+    /// No answer within the deadline.
+    Deadline,
+    /// Not reachable, not configured, or failed.
+    Unavailable,
+    /// It refused the request (unknown model, feature mismatch, batch too large).
+    Refused,
+}
+
+impl FallbackReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::Deadline => "deadline",
+            FallbackReason::Unavailable => "unavailable",
+            FallbackReason::Refused => "refused",
+        }
+    }
+}
+
+/// A computed ranking, cut into pages, with the snapshot it was computed from.
+struct Ranking {
+    pages: Vec<Vec<Candidate>>,
+    stats: FeedStats,
+    /// Per shard, the ordinal bound its candidates came from (0: not asked).
+    watermarks: Vec<u32>,
+}
+
+/// Routes writes and builds feeds over the shards of a [`ShardDirectory`].
+pub struct Broker {
+    shards: Arc<dyn ShardDirectory>,
+    cfg: BrokerConfig,
+    rankings: Cache<u64, Arc<Ranking>>,
+    cursors: CursorCodec,
+    scorer: Option<Arc<dyn Scorer>>,
+    /// Per shard, the newest write this broker committed there: its reads of the shard
+    /// go to replicas that have applied it.
+    written: Vec<Mutex<ReadAfter>>,
+    /// Held by every shard query still running (lanes and RPCs may outlive their
+    /// request's deadline).
+    busy: Arc<()>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("shards", &self.shards).finish()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+}
+
+impl Broker {
+    /// A broker over every shard in this process (`shards[i]` holds shard `i`), with no
+    /// replication. `cursor_key` authenticates cursors: keep it across restarts so that
+    /// cursors stay valid.
+    pub fn new(shards: Vec<Arc<Shard>>, cfg: BrokerConfig, cursor_key: [u8; 32]) -> Result<Self> {
+        Self::with_directory(Arc::new(LocalShards::new(shards)?), cfg, cursor_key)
+    }
+
+    /// A broker over the shards of `directory` (local or remote replicas).
+    pub fn with_directory(
+        directory: Arc<dyn ShardDirectory>,
+        cfg: BrokerConfig,
+        cursor_key: [u8; 32],
+    ) -> Result<Self> {
+        if directory.shard_count() == 0 {
+            return Err(Error::FailedPrecondition("a broker needs at least one shard".into()));
+        }
+        if !cfg.rankings.contains_key(&cfg.default_ranking) {
+            return Err(Error::FailedPrecondition(format!(
+                "default ranking `{}` is not defined",
+                cfg.default_ranking
+            )));
+        }
+        let rankings =
+            Cache::builder().max_capacity(cfg.ranking_cache_entries).time_to_live(cfg.ranking_ttl).build();
+        let written = (0..directory.shard_count()).map(|_| Mutex::new(ReadAfter::default())).collect();
+        Ok(Self {
+            shards: directory,
+            cfg,
+            rankings,
+            cursors: CursorCodec::new(cursor_key),
+            scorer: None,
+            written,
+            busy: Arc::new(()),
+        })
+    }
+
+    /// Sets the ML scorer that `BrokerConfig::model` names a model of.
+    pub fn with_scorer(mut self, scorer: Arc<dyn Scorer>) -> Self {
+        self.scorer = Some(scorer);
+        self
+    }
+
+    /// No shard query of this broker is still running (lanes that outlived their
+    /// request's deadline finish on the blocking pool).
+    pub fn shards_idle(&self) -> bool {
+        Arc::strong_count(&self.busy) == 1
+    }
+
+    pub fn shard_count(&self) -> u32 {
+        self.shards.shard_count()
+    }
+
+    /// The newest write this broker committed on `shard`.
+    fn read_after(&self, shard: u32) -> ReadAfter {
+        self.written
+            .get(shard as usize)
+            .map(|w| *w.lock().unwrap_or_else(|e| e.into_inner()))
+            .unwrap_or_default()
+    }
+
+    // ------------------------------------------------------------------ feeds
+
+    /// One page of the user's following or home feed.
+    pub async fn feed(&self, kind: FeedKind, req: &FeedRequest) -> Result<FeedPage> {
+        if req.page_size.get() > self.cfg.max_page_size {
+            return Err(Error::InvalidArgument {
+                field: "page_size".into(),
+                reason: format!("must be at most {}", self.cfg.max_page_size),
+            });
+        }
+        let bad_cursor = |reason: String| Error::InvalidArgument { field: "cursor".into(), reason };
+        let cursor = match &req.cursor {
+            Some(c) => Some(self.cursors.decode(c).map_err(|r| bad_cursor(format!("cursor {r}")))?),
+            None => None,
+        };
+        // A later page follows its cursor's ranking unless the request names another.
+        let ranking_name = match (&req.ranking, &cursor) {
+            (Some(name), _) => name.clone(),
+            (None, Some(st)) => st.ranking.clone(),
+            (None, None) => self.cfg.default_ranking.clone(),
+        };
+        let Some(expr) = self.cfg.rankings.get(&ranking_name).cloned() else {
+            return Err(Error::InvalidArgument {
+                field: "ranking".into(),
+                reason: format!(
+                    "unknown ranking `{ranking_name}` (configured: {})",
+                    self.cfg.rankings.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        };
+        let mut from_cache = false;
+        let (state, ranking) = match cursor {
+            Some(st) => {
+                if st.user != req.user.get() || st.kind != kind {
+                    return Err(bad_cursor("cursor was issued for another user or feed".into()));
+                }
+                if st.ranking != ranking_name {
+                    return Err(bad_cursor(format!("cursor was issued for ranking `{}`", st.ranking)));
+                }
+                if st.watermarks.len() != self.shard_count() as usize {
+                    return Err(bad_cursor("cursor was issued by a service with another shard count".into()));
+                }
+                let ranking = match self.rankings.get(&st.ranking_id) {
+                    Some(r) => {
+                        from_cache = true;
+                        r
+                    }
+                    None => {
+                        let bounds = Some(st.watermarks.clone());
+                        let r =
+                            self.compute(kind, req, expr, st.now_ms, bounds, st.page_size as usize).await?;
+                        self.rankings.insert(st.ranking_id, r.clone());
+                        r
+                    }
+                };
+                (st, ranking)
+            }
+            None => {
+                let now = now_ms();
+                let page_size = req.page_size.get() as usize;
+                let ranking = self.compute(kind, req, expr, now, None, page_size).await?;
+                let ranking_id = rand::random::<u64>();
+                self.rankings.insert(ranking_id, ranking.clone());
+                let st = CursorState {
+                    kind,
+                    user: req.user.get(),
+                    ranking: ranking_name,
+                    ranking_id,
+                    page: 0,
+                    page_size: req.page_size.get(),
+                    now_ms: now,
+                    watermarks: ranking.watermarks.clone(),
+                };
+                (st, ranking)
+            }
+        };
+        let index = state.page as usize;
+        let items = ranking.pages.get(index).cloned().unwrap_or_default();
+        let next_cursor = (index + 1 < ranking.pages.len())
+            .then(|| self.cursors.encode(&CursorState { page: state.page + 1, ..state.clone() }));
+        let stats = FeedStats { from_cache, ..ranking.stats.clone() };
+        Ok(FeedPage { items, next_cursor, stats })
+    }
+
+    /// Computes a whole ranking from a snapshot: `now_ms` and, for a later page, the
+    /// per-shard ordinal bounds of its first page (`None`: each shard's own watermark,
+    /// recorded in the ranking). The request's features are bound to the expression
+    /// here (a ranking recomputed for a later page uses that request's features).
+    async fn compute(
+        &self,
+        kind: FeedKind,
+        req: &FeedRequest,
+        expr: Arc<Expr>,
+        now_ms: i64,
+        bounds: Option<Vec<u32>>,
+        page_size: usize,
+    ) -> Result<Arc<Ranking>> {
+        let gathered = self.gather(kind, req, expr, now_ms, bounds).await?;
+        let watermarks = gathered.watermarks.clone();
+        let (list, stats) = self.rerank(kind, req, gathered, now_ms).await;
+        let pages = rank::paginate(list, page_size, self.cfg.max_per_owner, self.cfg.max_per_board);
+        Ok(Arc::new(Ranking { pages, stats, watermarks }))
+    }
+
+    /// The scorer request the broker would send for the user's feed now, whatever the
+    /// configured model (its `model` field is the configured one, or empty): what
+    /// `feedgraph export-features` writes for training.
+    pub async fn model_inputs(&self, kind: FeedKind, req: &FeedRequest) -> Result<ScoreBatch> {
+        let expr = self.cfg.rankings.get(&self.cfg.default_ranking).cloned().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "default ranking `{}` is not defined",
+                self.cfg.default_ranking
+            ))
+        })?;
+        let now = now_ms();
+        let g = self.gather(kind, req, expr, now, None).await?;
+        let take = self.cfg.model.as_ref().map_or(self.cfg.max_ranked, |m| m.candidates).min(g.list.len());
+        let model = self.cfg.model.as_ref().map_or("", |m| m.name.as_str());
+        Ok(features::score_batch(model, &g.list[..take], req, &g.follows, kind, now))
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Broker>();
+}

@@ -1,0 +1,250 @@
+//! Scatter and gather of candidate queries. Shards with a readable local replica run
+//! in one blocking *lane* per core (on few cores, waking a thread per shard costs more
+//! than it overlaps); shards served elsewhere are one RPC each, failing over to the
+//! next replica on error. Every shard reports the moment it is done; the broker
+//! collects until the deadline and leaves out (and flags) what did not answer.
+
+use std::sync::Arc;
+
+use feedgraph_graph_store::{Follows, Shard};
+use feedgraph_model::{FeedRequest, shard_of};
+use feedgraph_scoring::Expr;
+
+use super::{Broker, FeedStats, Scoring};
+use crate::cursor::FeedKind;
+use crate::query::{self, Candidate, CandidateQuery, ShardAnswer};
+use crate::rank;
+use crate::shards::{RemoteReplica, Replica};
+use crate::{Error, Result};
+
+/// A light-ranked list and what made it.
+pub(super) struct Gathered {
+    pub(super) list: Vec<Candidate>,
+    pub(super) follows: Arc<Follows>,
+    pub(super) stats: FeedStats,
+    /// Per shard, the ordinal bound its answer used (0: not asked or not answered).
+    pub(super) watermarks: Vec<u32>,
+}
+
+type Report = (usize, Result<ShardAnswer>);
+
+impl Broker {
+    /// Candidates from every shard the user's follows and interests live on, merged
+    /// (and blended, for home) by light score. `bounds`: a ranking's per-shard ordinal
+    /// snapshot (a shard bounded at 0 had nothing then and is not asked).
+    pub(super) async fn gather(
+        &self,
+        kind: FeedKind,
+        req: &FeedRequest,
+        expr: Arc<Expr>,
+        now_ms: i64,
+        bounds: Option<Vec<u32>>,
+    ) -> Result<Gathered> {
+        let user = req.user;
+        let follows = self.follows_of(user).await?;
+        let count = self.shard_count();
+        let n = count as usize;
+        let template = CandidateQuery {
+            viewer: user,
+            users: Vec::new(),
+            boards: Vec::new(),
+            topics: Vec::new(),
+            engaged_topics: Vec::new(),
+            blocked: follows.blocked.clone(),
+            top_k: self.cfg.candidates_per_shard,
+            scan_limit: self.cfg.scan_limit,
+            request_values: expr
+                .request_features()
+                .iter()
+                .map(|f| req.features.get(f).copied().unwrap_or(0.0))
+                .collect(),
+            expr,
+            now_ms,
+            ordinal_bound: None,
+        };
+        let mut queries: Vec<Option<CandidateQuery>> = vec![None; n];
+        let slot = |queries: &mut Vec<Option<CandidateQuery>>, shard: u32| -> usize {
+            let i = shard as usize;
+            if queries[i].is_none() {
+                let ordinal_bound = bounds.as_ref().map(|b| b.get(i).copied().unwrap_or(0));
+                queries[i] = Some(CandidateQuery { ordinal_bound, ..template.clone() });
+            }
+            i
+        };
+        for u in &follows.users {
+            let i = slot(&mut queries, shard_of(*u, count));
+            if let Some(q) = queries[i].as_mut() {
+                q.users.push(*u);
+            }
+        }
+        for (b, owner) in &follows.boards {
+            let i = slot(&mut queries, shard_of(*owner, count));
+            if let Some(q) = queries[i].as_mut() {
+                q.boards.push(*b);
+            }
+        }
+        if kind == FeedKind::Home {
+            let engaged = self.engaged_topics(user, &follows.topics).await?;
+            if !follows.topics.is_empty() || !engaged.is_empty() {
+                // Each shard indexes its own pins' topics: interest scatters to all.
+                for s in 0..count {
+                    let i = slot(&mut queries, s);
+                    if let Some(q) = queries[i].as_mut() {
+                        q.topics = follows.topics.clone();
+                        q.engaged_topics = engaged.clone();
+                    }
+                }
+            }
+        }
+        // A shard bounded at 0 held nothing of this ranking: nothing to ask.
+        let work: Vec<(usize, CandidateQuery)> = queries
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, q)| q.filter(|q| q.ordinal_bound != Some(0)).map(|q| (i, q)))
+            .collect();
+        let asked = work.len() as u32;
+
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
+        let deadline = tokio::time::Instant::now() + self.cfg.shard_deadline;
+        let mut local: Vec<(usize, CandidateQuery, Arc<Shard>)> = Vec::new();
+        for (i, q) in work {
+            let after = self.read_after(i as u32);
+            let mut remotes: Vec<Arc<dyn RemoteReplica>> = Vec::new();
+            let mut store = None;
+            for replica in self.shards.readers(i as u32) {
+                match replica {
+                    Replica::Local(l) if store.is_none() && remotes.is_empty() => {
+                        if let Ok(s) = l.readable(after) {
+                            store = Some(s);
+                        }
+                    }
+                    Replica::Local(_) => {}
+                    Replica::Remote(r) => remotes.push(r),
+                }
+            }
+            match store {
+                Some(s) => local.push((i, q, s)),
+                None => self.spawn_remote(i, q, after, remotes, deadline, tx.clone()),
+            }
+        }
+        self.spawn_lanes(local, tx.clone());
+        drop(tx);
+
+        let mut answers: Vec<ShardAnswer> = Vec::with_capacity(asked as usize);
+        let mut watermarks = vec![0u32; n];
+        while (answers.len() as u32) < asked {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some((i, Ok(answer)))) => {
+                    watermarks[i] = answer.watermark;
+                    answers.push(answer);
+                }
+                Ok(Some((i, Err(e)))) => tracing::warn!(shard = i, error = %e, "candidate query failed"),
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::debug!(answered = answers.len(), asked, "candidate queries missed the deadline");
+                    break;
+                }
+            }
+        }
+        // A later page is bounded by its first page's watermarks, whatever answered now.
+        if let Some(b) = bounds {
+            watermarks = b;
+        }
+        let answered = answers.len() as u32;
+        let scanned = answers.iter().map(|a| a.scanned).sum();
+        let (mut following, mut interest) = (Vec::new(), Vec::new());
+        for a in answers {
+            following.push(a.following);
+            interest.push(a.interest);
+        }
+        let limit = self.cfg.max_ranked;
+        let following = rank::merge(following, limit);
+        let list = match kind {
+            FeedKind::Following => following,
+            FeedKind::Home => {
+                rank::blend(following, rank::merge(interest, limit), self.cfg.home_interest_share, limit)
+            }
+        };
+        let stats = FeedStats {
+            candidates_scanned: scanned,
+            shards_asked: asked,
+            shards_answered: answered,
+            partial: answered < asked,
+            scoring: Scoring::Light,
+            model: None,
+            from_cache: false,
+        };
+        Ok(Gathered { list, follows, stats, watermarks })
+    }
+
+    /// Local shard queries, spread over one blocking lane per core; each lane reports
+    /// every shard as soon as it is done.
+    fn spawn_lanes(
+        &self,
+        work: Vec<(usize, CandidateQuery, Arc<Shard>)>,
+        tx: tokio::sync::mpsc::UnboundedSender<Report>,
+    ) {
+        if work.is_empty() {
+            return;
+        }
+        let lanes = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, work.len());
+        let mut lane_work: Vec<Vec<(usize, CandidateQuery, Arc<Shard>)>> =
+            (0..lanes).map(|_| Vec::new()).collect();
+        for (k, item) in work.into_iter().enumerate() {
+            lane_work[k % lanes].push(item);
+        }
+        for queries in lane_work {
+            let delays = self.cfg.shard_delays.clone();
+            let tx = tx.clone();
+            let busy = self.busy.clone();
+            tokio::task::spawn_blocking(move || {
+                let _busy = busy;
+                for (i, q, shard) in queries {
+                    if let Some(d) = delays.get(&(i as u32)) {
+                        std::thread::sleep(*d);
+                    }
+                    let answer = query::run(&shard, &q);
+                    drop(shard);
+                    // The receiver may be gone (deadline passed): nothing to do then.
+                    if tx.send((i, answer)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// One shard served elsewhere: its replicas in turn, each with the time left.
+    fn spawn_remote(
+        &self,
+        shard: usize,
+        q: CandidateQuery,
+        after: crate::shards::ReadAfter,
+        remotes: Vec<Arc<dyn RemoteReplica>>,
+        deadline: tokio::time::Instant,
+        tx: tokio::sync::mpsc::UnboundedSender<Report>,
+    ) {
+        let busy = self.busy.clone();
+        tokio::spawn(async move {
+            let _busy = busy;
+            let mut last = Error::Unavailable(format!("shard {shard}: no replica serves reads"));
+            for r in remotes {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match r.candidates(q.clone(), after, left).await {
+                    Ok(answer) => {
+                        let _ = tx.send((shard, Ok(answer)));
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(shard, replica = r.address(), error = %e, "remote candidate query failed; trying the next replica");
+                        last = e;
+                    }
+                }
+            }
+            let _ = tx.send((shard, Err(last)));
+        });
+    }
+}

@@ -1,0 +1,244 @@
+//! `feedgraph.internal.v1.ShardService`: the data plane of the replicas a node holds,
+//! for brokers on other nodes. Thin: wire → domain, the replica's fences and freshness
+//! checks, the same shard-side code the local broker runs, domain → wire.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use feedgraph_cluster::{Error as ClusterError, Replicas};
+use feedgraph_graph_store::Shard;
+use feedgraph_proto::pb::{internal as ipb, v1 as pb};
+use feedgraph_proto::{FieldError, MAX_MUTATIONS_PER_WRITE};
+use feedgraph_retrieval::query;
+use feedgraph_scoring::Expr;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::Metrics;
+use crate::wire;
+
+/// Compiled light-score expressions, by source (brokers send the source).
+const EXPRESSIONS_CACHED: u64 = 1024;
+/// Longest expression source accepted.
+const MAX_EXPR_BYTES: usize = 4096;
+
+#[derive(Clone)]
+pub struct ShardApi {
+    pub replicas: Arc<Replicas>,
+    pub metrics: Arc<Metrics>,
+    /// Fault injection: extra latency per shard's candidate query.
+    pub delays: HashMap<u32, Duration>,
+    exprs: moka::sync::Cache<String, Arc<Expr>>,
+}
+
+impl std::fmt::Debug for ShardApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardApi").field("replicas", &self.replicas).finish()
+    }
+}
+
+impl ShardApi {
+    pub fn new(replicas: Arc<Replicas>, metrics: Arc<Metrics>, delays: HashMap<u32, Duration>) -> Self {
+        Self { replicas, metrics, delays, exprs: moka::sync::Cache::new(EXPRESSIONS_CACHED) }
+    }
+
+    /// The store of `shard` to read, if this node holds a replica that serves reads and
+    /// has applied what `after` asks.
+    fn readable(&self, shard: u32, after: Option<ipb::ReadAfter>) -> Result<Arc<Shard>, Status> {
+        let replica = self.replicas.get(shard).ok_or_else(|| {
+            // Not NOT_FOUND: the broker tries another replica.
+            Status::unavailable(format!("shard {shard}: this node holds no replica of it"))
+        })?;
+        replica.readable(wire::read_after(after)).map_err(feedgraph_cluster::service::status)
+    }
+
+    fn expr(&self, source: &str) -> Result<Arc<Expr>, Status> {
+        if source.len() > MAX_EXPR_BYTES {
+            return Err(Status::resource_exhausted(format!("score_expr: at most {MAX_EXPR_BYTES} bytes")));
+        }
+        if let Some(e) = self.exprs.get(source) {
+            return Ok(e);
+        }
+        let e = Arc::new(
+            Expr::compile(source).map_err(|e| Status::invalid_argument(format!("score_expr: {e}")))?,
+        );
+        self.exprs.insert(source.to_owned(), e.clone());
+        Ok(e)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("blocking task failed: {e}")))?
+}
+
+fn store_status(e: feedgraph_graph_store::Error) -> Status {
+    crate::service::status(feedgraph_retrieval::Error::Store(e))
+}
+
+#[tonic::async_trait]
+impl ipb::shard_service_server::ShardService for ShardApi {
+    async fn candidate_query(
+        &self,
+        request: Request<ipb::CandidateQueryRequest>,
+    ) -> Result<Response<ipb::CandidateQueryResponse>, Status> {
+        self.metrics
+            .observed("ShardCandidateQuery", async {
+                let req = request.into_inner();
+                let store = self.readable(req.shard, req.read_after)?;
+                let q = wire::query_from_proto(&req, self.expr(&req.score_expr)?)?;
+                let delay = self.delays.get(&req.shard).copied();
+                let answer = blocking(move || {
+                    if let Some(d) = delay {
+                        std::thread::sleep(d);
+                    }
+                    query::run(&store, &q).map_err(crate::service::status)
+                })
+                .await?;
+                Ok(wire::answer_to_proto(&answer))
+            })
+            .await
+    }
+
+    async fn apply_writes(
+        &self,
+        request: Request<ipb::ApplyWritesRequest>,
+    ) -> Result<Response<ipb::ApplyWritesResponse>, Status> {
+        self.metrics
+            .observed("ShardApplyWrites", async {
+                let req = request.into_inner();
+                if req.mutations.len() > MAX_MUTATIONS_PER_WRITE {
+                    return Err(Status::resource_exhausted(format!(
+                        "mutations: at most {MAX_MUTATIONS_PER_WRITE} per request"
+                    )));
+                }
+                let w = feedgraph_proto::WriteRequest::try_from(pb::WriteRequest {
+                    mutations: req.mutations,
+                    ack: req.ack,
+                    request_id: String::new(),
+                })
+                .map_err(|e: FieldError| Status::invalid_argument(format!("{}: {}", e.field, e.reason)))?;
+                let replica = self.replicas.get(req.shard).ok_or_else(|| {
+                    feedgraph_cluster::service::status(ClusterError::NotLeader {
+                        shard: req.shard,
+                        leader: None,
+                        epoch: 0,
+                    })
+                })?;
+                let applied = w.mutations.len() as u32;
+                let outcome = replica
+                    .write(w.mutations, w.ack, req.epoch)
+                    .await
+                    .map_err(feedgraph_cluster::service::status)?;
+                Ok(ipb::ApplyWritesResponse {
+                    commit: Some(pb::ShardCommit {
+                        shard: req.shard,
+                        sequence: outcome.sequence,
+                        epoch: outcome.epoch,
+                    }),
+                    applied,
+                    unknown_pins: outcome.unknown_pins as u32,
+                })
+            })
+            .await
+    }
+
+    async fn get_follows(
+        &self,
+        request: Request<ipb::ShardGetFollowsRequest>,
+    ) -> Result<Response<pb::GetFollowsResponse>, Status> {
+        self.metrics
+            .observed("ShardGetFollows", async {
+                let req = request.into_inner();
+                let user = feedgraph_model::UserId::new(req.user_id)
+                    .ok_or_else(|| Status::invalid_argument("user_id: must be non-zero"))?;
+                let store = self.readable(req.shard, req.read_after)?;
+                let follows = blocking(move || store.follows_cached(user).map_err(store_status)).await?;
+                Ok(wire::follows_to_proto(&follows))
+            })
+            .await
+    }
+
+    async fn get_pin(
+        &self,
+        request: Request<ipb::ShardGetPinRequest>,
+    ) -> Result<Response<pb::GetPinResponse>, Status> {
+        self.metrics
+            .observed("ShardGetPin", async {
+                let req = request.into_inner();
+                let pin = req.pin.ok_or_else(|| Status::invalid_argument("pin: is required"))?;
+                let pin = feedgraph_model::PinRef::try_from(pin)
+                    .map_err(|e| Status::invalid_argument(format!("pin.{}: {}", e.field, e.reason)))?;
+                let store = self.readable(req.shard, req.read_after)?;
+                let found = blocking(move || {
+                    Ok(store
+                        .pin(pin.pin)
+                        .map_err(store_status)?
+                        .map(|(_, r)| r)
+                        .filter(|r| r.owner == pin.owner))
+                })
+                .await?;
+                Ok(pb::GetPinResponse { found: found.is_some(), pin: found.as_ref().map(wire::pin_to_proto) })
+            })
+            .await
+    }
+
+    async fn get_board_owners(
+        &self,
+        request: Request<ipb::GetBoardOwnersRequest>,
+    ) -> Result<Response<ipb::GetBoardOwnersResponse>, Status> {
+        self.metrics
+            .observed("ShardGetBoardOwners", async {
+                let req = request.into_inner();
+                if req.board_ids.len() > MAX_MUTATIONS_PER_WRITE {
+                    return Err(Status::resource_exhausted(format!(
+                        "board_ids: at most {MAX_MUTATIONS_PER_WRITE}"
+                    )));
+                }
+                let boards = req
+                    .board_ids
+                    .iter()
+                    .map(|b| feedgraph_model::BoardId::new(*b))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| Status::invalid_argument("board_ids: must be non-zero"))?;
+                let store = self.readable(req.shard, req.read_after)?;
+                let owner_ids = blocking(move || {
+                    boards
+                        .iter()
+                        .map(|b| Ok(store.board(*b).map_err(store_status)?.map_or(0, |b| b.owner.get())))
+                        .collect()
+                })
+                .await?;
+                Ok(ipb::GetBoardOwnersResponse { owner_ids })
+            })
+            .await
+    }
+
+    async fn engaged_topics(
+        &self,
+        request: Request<ipb::EngagedTopicsRequest>,
+    ) -> Result<Response<ipb::EngagedTopicsResponse>, Status> {
+        self.metrics
+            .observed("ShardEngagedTopics", async {
+                let req = request.into_inner();
+                let user = feedgraph_model::UserId::new(req.user_id)
+                    .ok_or_else(|| Status::invalid_argument("user_id: must be non-zero"))?;
+                let recent = (req.recent_pins as usize).min(10_000);
+                let store = self.readable(req.shard, req.read_after)?;
+                let counts = blocking(move || {
+                    query::engaged_topic_counts(&store, user, recent).map_err(crate::service::status)
+                })
+                .await?;
+                Ok(ipb::EngagedTopicsResponse {
+                    topics: counts
+                        .into_iter()
+                        .map(|(t, count)| ipb::TopicCount { topic_id: t.get(), count })
+                        .collect(),
+                })
+            })
+            .await
+    }
+}
