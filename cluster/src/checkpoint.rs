@@ -409,6 +409,16 @@ async fn receive(
             "downloading a checkpoint"
         );
     }
+    // Empty files get no chunks: create them now.
+    let (s, m) = (staging.to_path_buf(), manifest.clone());
+    blocking(move || {
+        for (name, _, _) in m.files.iter().filter(|f| f.1 == 0) {
+            let path = s.join(name);
+            std::fs::File::create(&path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        }
+        Ok(())
+    })
+    .await?;
     let total = manifest.total_bytes();
     let sizes: HashMap<String, u64> = manifest.files.iter().map(|(n, s, _)| (n.clone(), *s)).collect();
     *known = Some(manifest.clone());

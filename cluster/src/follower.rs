@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use feedgraph_graph_store::{Error as StoreError, WalBatch};
+use feedgraph_graph_store::{Error as StoreError, LogPosition, WalBatch};
 use feedgraph_proto::pb::internal as ipb;
 use feedgraph_proto::refusal::{RefusalKind, refusal};
 use tokio::sync::watch;
@@ -75,11 +75,14 @@ pub(crate) async fn run(
     let mut backoff = Backoff(Backoff::MIN);
     let mut rebuild = replica.store().is_none();
     let mut lagging = false;
+    // The replica's log position, as of its last apply (`None`: ask the store).
+    let mut position: Option<LogPosition> = None;
     loop {
         if *stop.borrow() || *shutdown.borrow() {
             return;
         }
         if rebuild {
+            position = None;
             match bootstrap(&replica, &mut client, &leader, epoch, &mut stop).await {
                 Ok(()) => {
                     rebuild = false;
@@ -97,10 +100,13 @@ pub(crate) async fn run(
             continue;
         }
         let step = tokio::select! {
-            s = round(&replica, &mut client, &leader, &mut epoch, &mut lagging) => s,
+            s = round(&replica, &mut client, &leader, &mut epoch, &mut lagging, &mut position) => s,
             _ = stop.wait_for(|s| *s) => Step::Stop,
             _ = shutdown.wait_for(|s| *s) => Step::Stop,
         };
+        if !matches!(step, Step::Continue) {
+            position = None;
+        }
         match step {
             Step::Continue => backoff.reset(),
             Step::Rebuild => rebuild = true,
@@ -121,17 +127,19 @@ async fn round(
     leader: &str,
     epoch: &mut u64,
     lagging: &mut bool,
+    cached: &mut Option<LogPosition>,
 ) -> Step {
     let shard = replica.shard();
-    let Some(store) = replica.store() else { return Step::Rebuild };
-    let position = {
-        let s = store.clone();
-        match blocking(move || Ok(s.log_position())).await {
-            Ok(p) => p,
-            Err(_) => return Step::Retry,
+    let position = match *cached {
+        Some(p) => p,
+        None => {
+            let Some(store) = replica.store() else { return Step::Rebuild };
+            match blocking(move || Ok(store.log_position())).await {
+                Ok(p) => p,
+                Err(_) => return Step::Retry,
+            }
         }
     };
-    drop(store);
     let cfg = &replica.cfg;
     let request = ipb::GetUpdatesRequest {
         shard,
@@ -152,6 +160,7 @@ async fn round(
     };
     replica.stats.leader_sequence.store(response.leader_sequence, Ordering::Relaxed);
     if response.batches.is_empty() {
+        *cached = Some(position);
         replica.stats.lag_ms.store(0, Ordering::Relaxed);
         replica.stats.set_state("shipping (caught up)");
         return Step::Continue;
@@ -169,17 +178,17 @@ async fn round(
             }
             bytes += b.data.len() as u64;
             last_commit = b.commit_time_ms;
-            store.apply_replicated(&WalBatch {
-                sequence: b.sequence,
-                count: u64::from(b.count),
-                data: b.data,
-            })?;
+            let batch =
+                WalBatch { sequence: b.sequence, count: u64::from(b.count), data: b.data, commit_ms: 0 };
+            store.apply_replicated(&batch)?;
         }
-        Ok((bytes, last_commit, store.latest_sequence()))
+        Ok((bytes, last_commit, store.log_position()))
     })
     .await;
     match applied {
-        Ok((bytes, last_commit, applied)) => {
+        Ok((bytes, last_commit, position)) => {
+            *cached = Some(position);
+            let applied = position.sequence;
             replica.stats.applied(bytes);
             let lag = if applied >= response.leader_sequence || last_commit == 0 {
                 0

@@ -1,15 +1,12 @@
-//! A leader's side of replication: commit notifications (wake long polls), commit
-//! times (replication lag), and what each follower has applied (semi-sync
-//! acknowledgements).
+//! A leader's side of replication: commit notifications (wake long polls) and what
+//! each follower has applied (semi-sync acknowledgements).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-/// Commits whose times are remembered, for the lag of the batches shipped.
-const COMMIT_TIMES: usize = 8192;
 /// A follower that has not asked for this long is not listed as one.
 pub(crate) const FOLLOWER_FORGET: Duration = Duration::from_secs(10);
 
@@ -23,8 +20,6 @@ pub(crate) struct Progress {
 pub(crate) struct LeaderState {
     /// The latest committed sequence number.
     commits: watch::Sender<u64>,
-    /// (sequence at the end of a commit, Unix ms), oldest first.
-    commit_times: Mutex<VecDeque<(u64, i64)>>,
     /// By follower node id.
     followers: Mutex<HashMap<String, Progress>>,
     /// The highest sequence some follower of the current term has applied.
@@ -42,7 +37,6 @@ impl LeaderState {
     pub(crate) fn new(latest: u64) -> Self {
         Self {
             commits: watch::Sender::new(latest),
-            commit_times: Mutex::new(VecDeque::with_capacity(COMMIT_TIMES)),
             followers: Mutex::new(HashMap::new()),
             acked: watch::Sender::new(0),
         }
@@ -51,18 +45,6 @@ impl LeaderState {
     /// The shard's commit listener (runs under its writer lock: cheap).
     pub(crate) fn on_commit(&self, sequence: u64) {
         self.commits.send_replace(sequence);
-        let mut times = self.commit_times.lock().unwrap_or_else(|e| e.into_inner());
-        if times.len() == COMMIT_TIMES {
-            times.pop_front();
-        }
-        times.push_back((sequence, now_ms()));
-    }
-
-    /// When the commit that ended at or after `end_sequence` happened (0 if forgotten).
-    pub(crate) fn commit_time(&self, end_sequence: u64) -> i64 {
-        let times = self.commit_times.lock().unwrap_or_else(|e| e.into_inner());
-        let i = times.partition_point(|(s, _)| *s < end_sequence);
-        times.get(i).map_or(0, |(_, t)| *t)
     }
 
     /// Waits until a commit goes past `since`, at most `wait` (or until `stop` fires).
@@ -132,14 +114,5 @@ mod tests {
         assert!(waiter.await.unwrap());
         l.new_term();
         assert!(!l.wait_acked(12, Duration::from_millis(20)).await);
-    }
-
-    #[test]
-    fn commit_times_are_found_by_batch_end() {
-        let l = LeaderState::new(0);
-        l.on_commit(5);
-        l.on_commit(9);
-        assert!(l.commit_time(5) > 0 && l.commit_time(7) > 0 && l.commit_time(9) > 0);
-        assert_eq!(l.commit_time(10), 0);
     }
 }

@@ -119,12 +119,10 @@ impl ipb::replication_service_server::ReplicationService for ReplicationApi {
             sequence: req.since_sequence,
             epoch: req.since_epoch,
         };
-        let s = store.clone();
-        blocking(move || s.check_follower(&follower).map_err(Error::from)).await.map_err(|e| {
-            if matches!(e, Error::Store(StoreError::Diverged(_))) {
-                tracing::warn!(shard = req.shard, follower = %req.follower_node, error = %e, "a follower's log diverged from this leader's");
-            }
-            status(e)
+        // The prefix check reads memory only (the history and the latest sequence).
+        store.check_follower(&follower).map_err(|e| {
+            tracing::warn!(shard = req.shard, follower = %req.follower_node, error = %e, "a follower's log diverged from this leader's");
+            status(Error::from(e))
         })?;
         r.leader.record(&req.follower_node, req.since_sequence);
         let cfg = self.replicas.config();
@@ -134,20 +132,28 @@ impl ipb::replication_service_server::ReplicationService for ReplicationApi {
             r.leader.wait_commit_after(req.since_sequence, wait, &mut stopping).await;
         }
         let max_bytes = (req.max_bytes as usize).clamp(1, cfg.max_batch_bytes.max(1));
-        let (s, since) = (store.clone(), req.since_sequence);
-        let batches = blocking(move || s.updates_since(since, max_bytes).map_err(Error::from)).await.map_err(|e| {
-            if matches!(e, Error::Store(StoreError::WalGap { .. })) {
-                tracing::warn!(shard = req.shard, follower = %req.follower_node, error = %e, "a follower's position has left the WAL; it must re-bootstrap");
+        let since = req.since_sequence;
+        // Caught-up followers are served from the batches the shard keeps in memory; a
+        // follower further behind reads the WAL, on the blocking pool.
+        let batches = match store.recent_updates_since(since, max_bytes) {
+            Some(b) => b,
+            None => {
+                let s = store.clone();
+                blocking(move || s.updates_since(since, max_bytes).map_err(Error::from)).await.map_err(|e| {
+                    if matches!(e, Error::Store(StoreError::WalGap { .. })) {
+                        tracing::warn!(shard = req.shard, follower = %req.follower_node, error = %e, "a follower's position has left the WAL; it must re-bootstrap");
+                    }
+                    status(e)
+                })?
             }
-            status(e)
-        })?;
+        };
         let batches = batches
             .into_iter()
             .map(|b| ipb::WalBatch {
                 sequence: b.sequence,
                 count: b.count as u32,
                 crc32c: crc32c::crc32c(&b.data),
-                commit_time_ms: r.leader.commit_time(b.sequence + b.count - 1),
+                commit_time_ms: b.commit_ms,
                 data: b.data,
             })
             .collect();

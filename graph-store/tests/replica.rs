@@ -263,3 +263,36 @@ fn a_demoted_leader_with_writes_nobody_has_is_found_diverged() {
         Err(Error::Diverged(Divergence::Lineage { .. }))
     ));
 }
+
+#[test]
+fn a_bulk_load_replicates_through_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = open_leader(&dir.path().join("leader"));
+    leader.lead(1).unwrap();
+    let replica = replica_of(&leader, &dir.path().join("replica"));
+    let pins: Vec<Pin> = (1..=5_000u64)
+        .map(|id| Pin {
+            id: PinId::new(id).unwrap(),
+            owner: uid(1 + id % 4),
+            board: BoardId::new((1 + id % 4) * 10).unwrap(),
+            created_at_ms: id as i64,
+            topics: vec![TopicId::new(1 + (id % 3) as u32).unwrap()],
+            signals: PinSignals::default(),
+        })
+        .collect();
+    let boards =
+        (1..=4u64).map(|o| Board { id: BoardId::new(o * 10).unwrap(), owner: uid(o), name: "b".into() });
+    let load = feedgraph_graph_store::BulkLoad {
+        users: vec![User { id: uid(1), username: "one".into() }],
+        boards: boards.collect(),
+        pins,
+        follows: vec![(uid(2), FollowTarget::User(uid(1)))],
+    };
+    leader.bulk_load(load, 1_000, &mut |_| {}).unwrap();
+    // Every shipped batch has operations (a bulk load's closing sync is not a record).
+    let batches = leader.updates_since(replica.latest_sequence(), usize::MAX).unwrap();
+    assert!(batches.iter().all(|b| b.count > 0));
+    ship(&leader, &replica, 1 << 16);
+    assert_eq!(replica.digest().unwrap(), leader.digest().unwrap());
+    assert_eq!(replica.attributes().len(), 5_000);
+}

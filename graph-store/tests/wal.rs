@@ -58,7 +58,13 @@ fn updates_since_returns_exactly_the_later_batches() {
 fn purged_wal_is_reported_as_a_gap_not_skipped() {
     let dir = tempfile::tempdir().unwrap();
     // No WAL retention: obsolete logs are deleted right after a flush.
-    let opts = ShardOptions { wal_ttl_seconds: 0, wal_size_limit_mb: 0, ..ShardOptions::new(1) };
+    // (And no batches in memory: they would serve the position.)
+    let opts = ShardOptions {
+        wal_ttl_seconds: 0,
+        wal_size_limit_mb: 0,
+        recent_batches_bytes: 0,
+        ..ShardOptions::new(1)
+    };
     let shard = Shard::open(dir.path(), &opts).unwrap();
     shard.write(&[board(), pin(1)], Durability::Sync).unwrap();
     let old_position = shard.latest_sequence();
@@ -124,4 +130,33 @@ fn epoch_history_is_durable_and_replicated_data() {
     assert_eq!(h.current(), 17);
     assert_eq!((h.epoch_at(start - 1), h.epoch_at(start)), (0, 17));
     assert_eq!(shard.writable_epoch(), Some(17));
+}
+
+#[test]
+fn batches_kept_in_memory_are_the_wal_batches_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let since;
+    let from_memory;
+    {
+        let shard = Shard::open(dir.path(), &ShardOptions::new(1)).unwrap();
+        shard.write(&[board()], Durability::Buffered).unwrap();
+        since = shard.latest_sequence();
+        for i in 0..20 {
+            shard.write(&[pin(100 + i), pin(200 + i)], Durability::Buffered).unwrap();
+        }
+        shard.lead(3).unwrap();
+        from_memory = shard.recent_updates_since(since, usize::MAX).expect("held in memory");
+        assert_eq!(from_memory.len(), 21);
+        assert!(from_memory.iter().all(|b| b.commit_ms > 0));
+        // Not at a batch boundary, or before what is held: not served from memory.
+        assert!(shard.recent_updates_since(since + 1, usize::MAX).is_none());
+    }
+    // Reopened, nothing is in memory: the same batches come from the WAL.
+    let shard = Shard::open(dir.path(), &ShardOptions::new(1)).unwrap();
+    assert!(shard.recent_updates_since(since, usize::MAX).is_none());
+    let from_wal = shard.updates_since(since, usize::MAX).unwrap();
+    assert_eq!(from_wal.len(), from_memory.len());
+    for (m, w) in from_memory.iter().zip(&from_wal) {
+        assert_eq!((m.sequence, m.count, &m.data), (w.sequence, w.count, &w.data));
+    }
 }

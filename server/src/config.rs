@@ -235,6 +235,10 @@ pub struct ReplicationSettings {
     /// Timeout of a point read or write sent to another node, in ms (a semi-sync write
     /// adds `semi_sync_timeout_ms`).
     pub remote_timeout_ms: u64,
+    /// The newest committed batches each shard keeps in memory for its followers, in
+    /// KiB: a caught-up follower is served from them, not from the WAL (which RocksDB
+    /// reads from the start of the log file). 0: always read the WAL.
+    pub recent_batches_kb: u64,
 }
 
 impl Default for ReplicationSettings {
@@ -248,6 +252,7 @@ impl Default for ReplicationSettings {
             lag_warn_ms: 5000,
             map_refresh_ms: 1000,
             remote_timeout_ms: 2000,
+            recent_batches_kb: 8192,
         }
     }
 }
@@ -481,6 +486,7 @@ impl Config {
             background_jobs: 2,
             bitmap_cache_bytes: s.bitmap_cache_mb << 20,
             follows_cache_entries: s.follows_cache_entries,
+            recent_batches_bytes: (self.replication.recent_batches_kb << 10) as usize,
         }
     }
 

@@ -224,8 +224,10 @@ impl Node {
     /// same directory can open them.
     pub async fn shutdown(self) -> Result<(), Error> {
         let Node { broker, replicas, directory, serving, .. } = self;
-        let served = serving.stop().await;
+        // Replication first: it ends the followers' long polls this node serves, which
+        // the server would otherwise wait for while draining.
         replicas.shutdown().await;
+        let served = serving.stop().await;
         // Work still finishing on the blocking pool (a shard lane past its deadline)
         // holds stores and so their RocksDB locks.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -17,6 +17,19 @@ use feedgraph_proto::pb::{internal as ipb, v1 as pb};
 use feedgraph_server::{Config, Node};
 use tonic::transport::Channel;
 
+/// With `FEEDGRAPH_TEST_LOG` set (an env-filter, e.g. `debug`), the nodes log to
+/// stderr.
+pub fn log_if_asked() {
+    if let Ok(filter) = std::env::var("FEEDGRAPH_TEST_LOG") {
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .finish();
+        // Several tests of one binary ask: the first one wins.
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    }
+}
+
 /// Free TCP ports on 127.0.0.1 (bound, read, released).
 pub fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<std::net::TcpListener> =
@@ -45,6 +58,7 @@ impl Cluster {
         groups: &[Group<'_>],
         tweak: impl Fn(&str, &mut Config),
     ) -> Cluster {
+        log_if_asked();
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(ids.len());
         let addresses: BTreeMap<String, String> =
@@ -193,8 +207,12 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "shard {shard}: followers {followers:?} at {:?}, leader {leader} at {target}",
-                followers.iter().map(|f| self.sequence(f, shard)).collect::<Vec<_>>()
+                "shard {shard}: followers {followers:?} at {:?} ({:?}), leader {leader} at {target}",
+                followers.iter().map(|f| self.sequence(f, shard)).collect::<Vec<_>>(),
+                followers
+                    .iter()
+                    .map(|f| self.nodes[*f].replicas().get(shard).map(|r| r.status().state))
+                    .collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -55,6 +55,9 @@ pub struct ShardOptions {
     pub bitmap_cache_bytes: u64,
     /// Users whose follow lists are cached.
     pub follows_cache_entries: u64,
+    /// The newest committed batches kept in memory for followers, in bytes (a batch
+    /// larger than half of it is read from the WAL instead).
+    pub recent_batches_bytes: usize,
 }
 
 impl ShardOptions {
@@ -70,6 +73,7 @@ impl ShardOptions {
             background_jobs: 2,
             bitmap_cache_bytes: 64 << 20,
             follows_cache_entries: 100_000,
+            recent_batches_bytes: 8 << 20,
         }
     }
 }
@@ -119,6 +123,8 @@ pub struct Shard {
     cache: ReadCache,
     history: RwLock<Arc<EpochHistory>>,
     commit_listener: RwLock<Option<CommitListener>>,
+    /// The newest committed batches, for followers (see `replication`).
+    recent: Mutex<replication::RecentBatches>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -194,6 +200,7 @@ impl Shard {
             cache: ReadCache::new(opts),
             history: RwLock::new(Arc::new(EpochHistory::default())),
             commit_listener: RwLock::new(None),
+            recent: Mutex::new(replication::RecentBatches::new(opts.recent_batches_bytes)),
         };
         shard.check_meta(opts.shard_id, leader)?;
         shard.rebuild_attributes()?;

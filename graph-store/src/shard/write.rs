@@ -128,7 +128,18 @@ impl Shard {
         effects: &Effects,
         durability: Durability,
     ) -> Result<u64> {
-        self.commit(batch, durability)?;
+        if batch.is_empty() {
+            // An empty batch would still become a WAL record (of no operations, which
+            // followers refuse): only make what came before durable, if asked.
+            if durability == Durability::Sync {
+                self.db.flush_wal(true)?;
+            }
+        } else {
+            let count = batch.len() as u64;
+            let data = self.recent_wants(batch.size_in_bytes()).then(|| batch.data().to_vec());
+            self.commit(batch, durability)?;
+            self.remember(count, data);
+        }
         self.cache.invalidate(
             effects.bitmap_keys.iter().map(|(cf, key)| (*cf, key.as_slice())),
             effects.follow_users.iter().copied(),
