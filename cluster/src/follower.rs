@@ -169,6 +169,7 @@ async fn round(
     let batches = response.batches;
     let applied = blocking(move || {
         let (mut bytes, mut last_commit) = (0u64, 0i64);
+        let mut shipped = Vec::with_capacity(batches.len());
         for b in batches {
             if crc32c::crc32c(&b.data) != b.crc32c {
                 return Err(Error::Store(StoreError::ReplicatedBatch(format!(
@@ -178,10 +179,14 @@ async fn round(
             }
             bytes += b.data.len() as u64;
             last_commit = b.commit_time_ms;
-            let batch =
-                WalBatch { sequence: b.sequence, count: u64::from(b.count), data: b.data, commit_ms: 0 };
-            store.apply_replicated(&batch)?;
+            shipped.push(WalBatch {
+                sequence: b.sequence,
+                count: u64::from(b.count),
+                data: b.data,
+                commit_ms: 0,
+            });
         }
+        store.apply_replicated(&shipped)?;
         Ok((bytes, last_commit, store.log_position()))
     })
     .await;

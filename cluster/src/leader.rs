@@ -47,6 +47,12 @@ impl LeaderState {
         self.commits.send_replace(sequence);
     }
 
+    /// Every commit of this replica's store (leader writes and applied batches), as its
+    /// latest sequence.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.commits.subscribe()
+    }
+
     /// Waits until a commit goes past `since`, at most `wait` (or until `stop` fires).
     pub(crate) async fn wait_commit_after(
         &self,

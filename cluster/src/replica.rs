@@ -275,6 +275,12 @@ impl Replica {
         self.role.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The store's latest sequence after every commit (a leader's writes, a follower's
+    /// applied batches): for waiting on replication without polling.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.leader.subscribe()
+    }
+
     /// The newest epoch this replica accepted.
     pub fn promised_epoch(&self) -> u64 {
         self.role.lock().unwrap_or_else(|e| e.into_inner()).promised

@@ -3,7 +3,10 @@
 //! - `union_500`: a 500-way union of board bitmaps of 1,000 time-ordered ordinals each
 //!   (roaring `MultiOps` against a `|=` fold);
 //! - `read_300_bitmaps`: the board bitmaps of 300 followed boards, from RocksDB and
-//!   through the decoded-bitmap cache.
+//!   through the decoded-bitmap cache;
+//! - `replicate_100k_pins`: WAL bytes per second of 100 writes of 1,000 pins, written by
+//!   a leader (`leader_write`) and applied by a replica from the shipped batches
+//!   (`follower_apply`: header checks, effects decoded from the batch, commit, rows).
 //!
 //! The shard-side scan (filters, newest-first, light score, top-K) is benchmarked where
 //! it lives: `retrieval/benches/query.rs`. Run: `./dev bench --bench store`.
@@ -13,9 +16,9 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use feedgraph_graph_store::{BulkLoad, Shard, ShardOptions};
+use feedgraph_graph_store::{BulkLoad, Shard, ShardOptions, WalBatch};
 use feedgraph_loadtest::{GraphSpec, generate};
-use feedgraph_model::BoardId;
+use feedgraph_model::{Board, BoardId, Durability, Mutation, Pin, PinId, PinSignals, TopicId, UserId};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -101,5 +104,100 @@ fn bench_bitmap_reads(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_union, bench_bitmap_reads, bench_bulk_load);
+/// 100 writes of 1,000 pins (owners 1..=500, each with a board, one to three topics).
+fn replication_writes() -> (Vec<Mutation>, Vec<Vec<Mutation>>) {
+    let uid = |o: u64| UserId::new(o).unwrap();
+    let boards = (1..=500u64)
+        .map(|o| {
+            Mutation::UpsertBoard(Board { id: BoardId::new(o).unwrap(), owner: uid(o), name: "b".into() })
+        })
+        .collect();
+    let writes = (0..100u64)
+        .map(|w| {
+            (0..1_000u64)
+                .map(|i| {
+                    let id = 1 + w * 1_000 + i;
+                    let o = 1 + id % 500;
+                    Mutation::UpsertPin(Pin {
+                        id: PinId::new(id).unwrap(),
+                        owner: uid(o),
+                        board: BoardId::new(o).unwrap(),
+                        created_at_ms: 1_800_000_000_000 - id as i64 * 1000,
+                        topics: (0..1 + id % 3)
+                            .map(|t| TopicId::new(1 + ((id + t) % 50) as u32).unwrap())
+                            .collect(),
+                        signals: PinSignals { quality: 0.5, saves: (id % 90) as u32, clicks: 1, closeups: 2 },
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    (boards, writes)
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn bench_replicate(c: &mut Criterion) {
+    let (boards, writes) = replication_writes();
+    // The leader's log of the writes, and a replica's starting point (a checkpoint
+    // taken before them).
+    let dir = tempfile::tempdir().unwrap();
+    let leader = Shard::open(dir.path().join("leader"), &ShardOptions::new(0)).unwrap();
+    leader.lead(1).unwrap();
+    leader.write(&boards, Durability::Buffered).unwrap();
+    leader.checkpoint(dir.path().join("base")).unwrap();
+    let since = leader.latest_sequence();
+    for w in &writes {
+        leader.write(w, Durability::Buffered).unwrap();
+    }
+    let batches: Vec<WalBatch> = leader.updates_since(since, usize::MAX).unwrap();
+    let bytes: u64 = batches.iter().map(|b| b.data.len() as u64).sum();
+    assert_eq!(batches.len(), writes.len());
+    drop(leader);
+
+    let mut group = c.benchmark_group("replicate_100k_pins");
+    group.sample_size(10).measurement_time(Duration::from_secs(15)).throughput(Throughput::Bytes(bytes));
+    group.bench_function("follower_apply", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let copy = tempfile::tempdir().unwrap();
+                copy_dir(&dir.path().join("base"), copy.path());
+                let replica = Shard::open_replica(copy.path(), &ShardOptions::new(0)).unwrap();
+                let start = Instant::now();
+                // As a follower receives them: about 4 MiB (32 batches) per answer.
+                for answer in batches.chunks(32) {
+                    replica.apply_replicated(answer).unwrap();
+                }
+                total += start.elapsed();
+            }
+            total
+        })
+    });
+    group.bench_function("leader_write", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let copy = tempfile::tempdir().unwrap();
+                copy_dir(&dir.path().join("base"), copy.path());
+                let shard = Shard::open(copy.path(), &ShardOptions::new(0)).unwrap();
+                let start = Instant::now();
+                for w in &writes {
+                    shard.write(w, Durability::Buffered).unwrap();
+                }
+                total += start.elapsed();
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_union, bench_bitmap_reads, bench_bulk_load, bench_replicate);
 criterion_main!(benches);

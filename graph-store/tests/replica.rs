@@ -39,7 +39,7 @@ fn ship(leader: &Shard, follower: &Shard, max_bytes: usize) -> usize {
             return shipped;
         }
         for b in &batches {
-            follower.apply_replicated(b).unwrap();
+            follower.apply_replicated(std::slice::from_ref(b)).unwrap();
             shipped += 1;
         }
     }
@@ -204,18 +204,20 @@ fn fences_refuse_what_a_replica_or_a_stale_writer_must_not_do() {
     assert!(matches!(leader.lead(2), Err(Error::StaleEpoch { given: 2, current: 4 })));
 
     let batches = leader.updates_since(replica.latest_sequence(), usize::MAX).unwrap();
-    assert!(matches!(leader.apply_replicated(&batches[0]), Err(Error::NotReplica)));
+    assert!(matches!(leader.apply_replicated(&batches[..1]), Err(Error::NotReplica)));
     // Out of order, or tampered with: refused before anything is written.
-    assert!(matches!(replica.apply_replicated(&batches[1]), Err(Error::SequenceMismatch { .. })));
+    assert!(matches!(replica.apply_replicated(&batches[1..2]), Err(Error::SequenceMismatch { .. })));
     let mut forged = batches[0].clone();
     forged.count += 1;
-    assert!(matches!(replica.apply_replicated(&forged), Err(Error::ReplicatedBatch(_))));
+    assert!(matches!(
+        replica.apply_replicated(std::slice::from_ref(&forged)),
+        Err(Error::ReplicatedBatch(_))
+    ));
     let short = WalBatch { data: vec![1, 2, 3], ..batches[0].clone() };
-    assert!(matches!(replica.apply_replicated(&short), Err(Error::ReplicatedBatch(_))));
+    assert!(matches!(replica.apply_replicated(std::slice::from_ref(&short)), Err(Error::ReplicatedBatch(_))));
     assert_eq!(replica.latest_sequence() + 1, batches[0].sequence);
-    for b in &batches {
-        replica.apply_replicated(b).unwrap();
-    }
+    // Several at once: one write.
+    replica.apply_replicated(&batches).unwrap();
     assert_eq!(replica.digest().unwrap(), leader.digest().unwrap());
 }
 

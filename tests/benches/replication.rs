@@ -13,9 +13,7 @@
 //! Run: `./dev bench --bench replication` (under `cargo test` a small version runs).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use feedgraph_cluster::Role;
@@ -68,15 +66,22 @@ async fn pause_all(c: &Cluster, node: &str, shards: u32) {
     }
 }
 
-/// Lets the follower catch up; returns (WAL bytes applied, seconds).
+fn rebuilds(c: &Cluster, node: &str) -> u64 {
+    c.node(node).replicas().status().iter().map(|s| s.rebuilds).sum()
+}
+
+/// Lets the follower catch up from the log alone (no checkpoint); returns (WAL bytes
+/// applied, seconds).
 async fn catch_up(c: &Cluster, shards: u32) -> (u64, f64) {
     let before = applied_bytes(c, "b");
+    let rebuilt = rebuilds(c, "b");
     let started = Instant::now();
     follow_all(c, "b", shards, 1).await;
     for s in 0..shards {
         c.caught_up("a", &["b"], s, Duration::from_secs(900)).await;
     }
     let secs = started.elapsed().as_secs_f64();
+    assert_eq!(rebuilds(c, "b"), rebuilt, "the follower was rebuilt instead of fed the log");
     (applied_bytes(c, "b") - before, secs)
 }
 
@@ -159,7 +164,8 @@ async fn apply_and_lag(full: bool) {
     let pins = if full { 400_000 } else { 8_000 };
     let base = 10_000_000u64;
     let l = leader.clone();
-    tokio::task::spawn_blocking(move || {
+    let write_secs = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
         let mut per_shard: Vec<Vec<Mutation>> = vec![Vec::new(); SHARDS as usize];
         for id in base..base + pins {
             let (s, p) = pin(id, SHARDS, users);
@@ -173,86 +179,97 @@ async fn apply_and_lag(full: bool) {
         for (s, m) in per_shard.into_iter().enumerate().filter(|(_, m)| !m.is_empty()) {
             l[s].write(&m, Durability::Buffered).unwrap();
         }
+        started.elapsed().as_secs_f64()
     })
     .await
     .unwrap();
     let (bytes, secs) = catch_up(&c, SHARDS).await;
-    let small_rate = bytes as f64 / secs;
+    let leader_rate = bytes as f64 / write_secs;
     let bytes_per_pin = bytes as f64 / pins as f64;
     println!(
-        "follower apply, 1,000-pin batches ({pins} pins): {:.1} MB of WAL in {secs:.2} s = {:.1} MB/s",
+        "follower apply, 1,000-pin batches ({pins} pins): {:.1} MB of WAL in {secs:.2} s = {:.1} MB/s (the leader wrote them at {:.1} MB/s)",
         bytes as f64 / 1e6,
-        small_rate / 1e6
+        bytes as f64 / 1e6 / secs,
+        leader_rate / 1e6
     );
     for s in 0..SHARDS {
         assert_eq!(c.digest("a", s).await, c.digest("b", s).await, "shard {s}");
     }
 
-    // 2. Lag at half that rate, in writes of 100 pins, open loop.
+    // 2. Lag at half the rate the leader sustains, in writes of 100 pins, open loop:
+    // from each write's commit on the leader to the follower's commit of it (its
+    // commit notifications; no polling).
     let pins_per_write = 100u64;
-    let writes_per_sec = (small_rate / 2.0 / (bytes_per_pin * pins_per_write as f64)).max(1.0);
+    let writes_per_sec = (leader_rate / 2.0 / (bytes_per_pin * pins_per_write as f64)).max(1.0);
     let duration = if full { Duration::from_secs(20) } else { Duration::from_secs(2) };
-    let follower = stores(&c, "b", 0..SHARDS);
-    let (tx, rx) = std::sync::mpsc::channel::<(usize, u64, Instant)>();
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let mut pending: VecDeque<(usize, u64, Instant)> = VecDeque::new();
-            let mut lags: Vec<(Instant, u64)> = Vec::new();
-            loop {
-                while let Ok(w) = rx.try_recv() {
-                    pending.push_back(w);
-                }
-                let now = Instant::now();
-                pending.retain(|(s, seq, at)| {
-                    if follower[*s].latest_sequence() >= *seq {
-                        lags.push((*at, now.duration_since(*at).as_micros() as u64));
-                        false
-                    } else {
-                        true
-                    }
-                });
-                if done.load(Ordering::Acquire) && pending.is_empty() {
-                    return lags;
-                }
-                std::thread::sleep(Duration::from_micros(50));
+    // Every commit of the follower, (shard, sequence, when), from its notifications.
+    let (applied_tx, mut applied_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64, Instant)>();
+    let mut watchers = Vec::new();
+    for s in 0..SHARDS as usize {
+        let mut commits = c.node("b").replicas().get(s as u32).unwrap().commits();
+        let tx = applied_tx.clone();
+        watchers.push(tokio::spawn(async move {
+            while commits.changed().await.is_ok() {
+                let seq = *commits.borrow_and_update();
+                let _ = tx.send((s, seq, Instant::now()));
             }
-        })
-    };
+        }));
+    }
     let l = leader.clone();
-    let writer = std::thread::spawn(move || {
+    let written = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let mut id = 20_000_000u64;
-        let mut k = 0u64;
+        let mut out = Vec::new();
         while started.elapsed() < duration {
-            let due = started + Duration::from_secs_f64(k as f64 / writes_per_sec);
+            let due = started + Duration::from_secs_f64(out.len() as f64 / writes_per_sec);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
-            let (s, _) = pin(id, SHARDS, users);
+            // One shard per write: every pin of it has the first pin's owner.
+            let owner = UserId::new(1 + id % users).unwrap();
+            let s = shard_of(owner, SHARDS) as usize;
             let muts: Vec<Mutation> = (0..pins_per_write)
                 .map(|i| {
                     let (_, mut p) = pin(id + i, SHARDS, users);
-                    // Same shard for the whole write: the first pin's owner.
-                    p.owner = UserId::new(1 + id % users).unwrap();
-                    p.board = BoardId::new(1_000_000_000 + p.owner.get()).unwrap();
+                    p.owner = owner;
+                    p.board = BoardId::new(1_000_000_000 + owner.get()).unwrap();
                     Mutation::UpsertPin(p)
                 })
                 .collect();
             id += pins_per_write;
-            let out = l[s as usize].write(&muts, Durability::Buffered).unwrap();
-            tx.send((s as usize, out.sequence, Instant::now())).unwrap();
-            k += 1;
+            let committed = l[s].write(&muts, Durability::Buffered).unwrap();
+            out.push((s, committed.sequence, Instant::now()));
         }
-        k
-    });
-    let writes = tokio::task::spawn_blocking(move || writer.join().unwrap()).await.unwrap();
-    done.store(true, Ordering::Release);
-    let lags = tokio::task::spawn_blocking(move || watcher.join().unwrap()).await.unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    let writes = written.len();
+    for s in 0..SHARDS {
+        c.caught_up("a", &["b"], s, Duration::from_secs(60)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for w in watchers {
+        w.abort();
+    }
+    drop(applied_tx);
+    let mut applied: Vec<Vec<(u64, Instant)>> = vec![Vec::new(); SHARDS as usize];
+    while let Some((s, seq, at)) = applied_rx.recv().await {
+        applied[s].push((seq, at));
+    }
+    // Each write's lag: to the follower's first commit that reached it.
+    let lags: Vec<(Instant, u64)> = written
+        .iter()
+        .filter_map(|(s, seq, at)| {
+            let events = &applied[*s];
+            let i = events.partition_point(|(applied, _)| applied < seq);
+            events.get(i).map(|(_, done)| (*at, done.saturating_duration_since(*at).as_micros() as u64))
+        })
+        .collect();
+    assert_eq!(lags.len(), writes, "every write reached the follower");
     let mut h = histogram();
     let mut window_max: Vec<u64> = Vec::new();
-    let start = lags.first().map(|l| l.0);
+    let start = lags.iter().map(|l| l.0).min();
     for (at, lag) in &lags {
         h.record((*lag).max(1)).unwrap();
         let w = start.map_or(0, |s| at.duration_since(s).as_secs() as usize);
@@ -285,6 +302,33 @@ async fn apply_and_lag(full: bool) {
     }
     report("write ACK_ASYNC (gRPC, 1 pin)", &asynchronous);
     report("write ACK_SEMI_SYNC (gRPC, 1 pin)", &semi);
+
+    // 4. Failover cost. Promoting a caught-up follower reopens nothing: its rows and
+    // caches are current; the promotion writes (and syncs) the epoch's first entry.
+    c.caught_up("a", &["b"], 0, Duration::from_secs(60)).await;
+    let pins_on_shard = c.node("b").replicas().get(0).unwrap().status().pins;
+    c.transition("a", 0, Role::Offline).await.unwrap();
+    let t = Instant::now();
+    c.transition("b", 0, Role::Leader { epoch: 2 }).await.unwrap();
+    println!(
+        "promotion of a caught-up follower ({pins_on_shard} pins): {:.1} ms (TransitionReplica over gRPC)",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    // A restart or a rebuild opens the store, which rebuilds the attribute rows.
+    let cp = c.dir.path().join("reopen");
+    let s0 = leader[0].clone();
+    let p = cp.clone();
+    tokio::task::spawn_blocking(move || s0.checkpoint(&p).unwrap()).await.unwrap();
+    let t = Instant::now();
+    let reopened = tokio::task::spawn_blocking(move || {
+        Shard::open_replica(&cp, &feedgraph_graph_store::ShardOptions::new(0)).unwrap().next_ordinal()
+    })
+    .await
+    .unwrap();
+    println!(
+        "reopen of a shard of {reopened} pins (rows rebuilt from the `pins` family): {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     drop(leader);
     c.shutdown().await;
 }

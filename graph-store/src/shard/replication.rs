@@ -191,43 +191,67 @@ impl Shard {
         }
     }
 
-    /// Applies a batch shipped from the leader, at the leader's sequence numbers, with
-    /// the same in-memory effects as the leader's own write (recovered from the batch).
-    /// Only a replica applies; the batch must start right after the replica's latest
-    /// sequence. Returns the new latest sequence.
-    pub fn apply_replicated(&self, batch: &WalBatch) -> Result<u64> {
+    /// Applies batches shipped from the leader, in order, at the leader's sequence
+    /// numbers, with the same in-memory effects as the leader's own writes (recovered
+    /// from the batches). Only a replica applies; the first batch must start right
+    /// after the replica's latest sequence and each the next right after the one before.
+    /// Contiguous batches are committed as one write (their bodies concatenate, as
+    /// RocksDB's own batch append does). Returns the new latest sequence.
+    pub fn apply_replicated(&self, batches: &[WalBatch]) -> Result<u64> {
         let mut writer = self.lock_writer();
         if writer.fence != Fence::Replica {
             return Err(Error::NotReplica);
         }
-        let expected = self.latest_sequence() + 1;
-        if batch.sequence != expected {
-            return Err(Error::SequenceMismatch { expected, got: batch.sequence });
+        let start = self.latest_sequence() + 1;
+        let mut expected = start;
+        let mut body_bytes = 0;
+        for batch in batches {
+            if batch.sequence != expected {
+                return Err(Error::SequenceMismatch { expected, got: batch.sequence });
+            }
+            // The header is read by RocksDB without bounds checks: validate it first.
+            let header = batch
+                .data
+                .first_chunk::<BATCH_HEADER>()
+                .ok_or_else(|| Error::ReplicatedBatch("shorter than a batch header".into()))?;
+            let (seq, count) = header.split_at(8);
+            let (seq, count) = (
+                u64::from_le_bytes(seq.try_into().unwrap_or_default()),
+                u64::from(u32::from_le_bytes(count.try_into().unwrap_or_default())),
+            );
+            if seq != batch.sequence || count != batch.count || count == 0 {
+                return Err(Error::ReplicatedBatch(format!(
+                    "header says sequence {seq}, {count} operations; the leader said {}, {}",
+                    batch.sequence, batch.count
+                )));
+            }
+            expected += count;
+            body_bytes += batch.data.len() - BATCH_HEADER;
         }
-        // The header is read by RocksDB without bounds checks: validate it first.
-        let header = batch
-            .data
-            .first_chunk::<BATCH_HEADER>()
-            .ok_or_else(|| Error::ReplicatedBatch("shorter than a batch header".into()))?;
-        let (seq, count) = header.split_at(8);
-        let (seq, count) = (
-            u64::from_le_bytes(seq.try_into().unwrap_or_default()),
-            u64::from(u32::from_le_bytes(count.try_into().unwrap_or_default())),
-        );
-        if seq != batch.sequence || count != batch.count || count == 0 {
-            return Err(Error::ReplicatedBatch(format!(
-                "header says sequence {seq}, {count} operations; the leader said {}, {}",
-                batch.sequence, batch.count
-            )));
+        let total = expected - start;
+        if total == 0 {
+            return Ok(start - 1);
         }
-        let wb = WriteBatch::from_data(&batch.data);
+        let count =
+            u32::try_from(total).map_err(|_| Error::ReplicatedBatch("over 2^32 operations".into()))?;
+        let wb = match batches {
+            [one] => WriteBatch::from_data(&one.data),
+            many => {
+                let mut rep = Vec::with_capacity(BATCH_HEADER + body_bytes);
+                rep.extend_from_slice(&start.to_le_bytes());
+                rep.extend_from_slice(&count.to_le_bytes());
+                for b in many {
+                    rep.extend_from_slice(&b.data[BATCH_HEADER..]);
+                }
+                WriteBatch::from_data(&rep)
+            }
+        };
         let effects = Effects::decode(&wb, &self.cf_ids)?;
         let latest = self.apply(&mut writer, wb, &effects, Durability::Buffered)?;
-        let end = batch.sequence + batch.count - 1;
-        if latest != end {
+        if latest != expected - 1 {
             // Sequence numbers no longer match the leader's: this replica must be
             // rebuilt (never seen; it would take a local write on a replica).
-            return Err(Error::SequenceMismatch { expected: end, got: latest });
+            return Err(Error::SequenceMismatch { expected: expected - 1, got: latest });
         }
         Ok(latest)
     }
