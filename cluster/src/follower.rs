@@ -167,6 +167,7 @@ async fn round(
     }
     let Some(store) = replica.store() else { return Step::Rebuild };
     let batches = response.batches;
+    let counter = replica.clone();
     let applied = blocking(move || {
         let (mut bytes, mut last_commit) = (0u64, 0i64);
         let mut shipped = Vec::with_capacity(batches.len());
@@ -187,14 +188,15 @@ async fn round(
             });
         }
         store.apply_replicated(&shipped)?;
-        Ok((bytes, last_commit, store.log_position()))
+        // Counted as the batches become visible, not after this task is collected.
+        counter.stats.applied(bytes);
+        Ok((last_commit, store.log_position()))
     })
     .await;
     match applied {
-        Ok((bytes, last_commit, position)) => {
+        Ok((last_commit, position)) => {
             *cached = Some(position);
             let applied = position.sequence;
-            replica.stats.applied(bytes);
             let lag = if applied >= response.leader_sequence || last_commit == 0 {
                 0
             } else {

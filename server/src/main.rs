@@ -976,6 +976,8 @@ fn role_name(v: i32) -> &'static str {
     }
 }
 
+const MIB: f64 = (1 << 20) as f64;
+
 async fn shard(args: ShardArgs) -> anyhow::Result<()> {
     use feedgraph_proto::pb::internal as ipb;
     match args.what {
@@ -1026,14 +1028,14 @@ async fn shard(args: ShardArgs) -> anyhow::Result<()> {
                     }
                 };
                 println!(
-                    "node {} at {a}: {} replicas of {} shards; block cache {:.1} of {:.0} MB, memtables {:.1} of {:.0} MB",
+                    "node {} at {a}: {} replicas of {} shards; block cache {:.1} of {:.0} MiB, memtables {:.1} of {:.0} MiB",
                     l.node,
                     l.replicas.len(),
                     l.shard_count,
-                    l.block_cache_bytes as f64 / 1e6,
-                    l.block_cache_capacity as f64 / 1e6,
-                    l.write_buffer_bytes as f64 / 1e6,
-                    l.write_buffer_capacity as f64 / 1e6
+                    l.block_cache_bytes as f64 / MIB,
+                    l.block_cache_capacity as f64 / MIB,
+                    l.write_buffer_bytes as f64 / MIB,
+                    l.write_buffer_capacity as f64 / MIB
                 );
                 println!(
                     "{:>5}  {:<8}  {:>5}  {:>10}  {:<21}  {:>7}  {:>7}  {:>8}  state",

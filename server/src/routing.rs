@@ -234,6 +234,37 @@ impl ClusterDirectory {
                 }
             }
         }
+        self.step_down_if_deposed().await;
+    }
+
+    /// A local leader whose shard another node leads at a newer epoch has been deposed
+    /// without hearing of it (it was down during a failover, say): it follows the new
+    /// leader. A newer epoch is never stale; if this replica wrote what the new leader
+    /// never had, the prefix check makes it rebuild.
+    async fn step_down_if_deposed(&self) {
+        let deposed: Vec<(u32, String, u64, u64)> = {
+            let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+            view.iter()
+                .enumerate()
+                .filter_map(|(shard, entries)| {
+                    let Role::Leader { epoch: mine } = self.local.get(shard as u32)?.role() else {
+                        return None;
+                    };
+                    let newer = entries
+                        .iter()
+                        .filter(|e| e.leader && e.reachable && e.epoch > mine)
+                        .max_by_key(|e| e.epoch)?;
+                    Some((shard as u32, newer.address.clone(), newer.epoch, mine))
+                })
+                .collect()
+        };
+        for (shard, leader, epoch, mine) in deposed {
+            tracing::warn!(shard, %leader, epoch, mine, "another node leads this shard at a newer epoch: stepping down to follow it");
+            let target = Role::Follower { leader: leader.clone(), epoch };
+            if let Err(e) = self.local.transition(shard, target).await {
+                tracing::warn!(shard, %leader, error = %e, "stepping down failed");
+            }
+        }
     }
 }
 

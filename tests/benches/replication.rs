@@ -98,6 +98,107 @@ fn pin(id: u64, shards: u32, users: u64) -> (u32, Pin) {
     (shard_of(owner, shards), p)
 }
 
+/// Replication lag with the leader writing `rate` bytes/s of WAL in writes of 100 pins,
+/// open loop: from each write's commit on the leader to the follower's commit of it
+/// (its commit notifications; no polling).
+async fn lag(
+    c: &Cluster,
+    leader: &[Arc<Shard>],
+    rate: f64,
+    bytes_per_pin: f64,
+    users: u64,
+    first_id: u64,
+    duration: Duration,
+) {
+    const SHARDS: u32 = 4;
+    let leader = leader.to_vec();
+    let pins_per_write = 100u64;
+    let writes_per_sec = (rate / (bytes_per_pin * pins_per_write as f64)).max(1.0);
+    // Every commit of the follower, (shard, sequence, when), from its notifications.
+    let (applied_tx, mut applied_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64, Instant)>();
+    let mut watchers = Vec::new();
+    for s in 0..SHARDS as usize {
+        let mut commits = c.node("b").replicas().get(s as u32).unwrap().commits();
+        let tx = applied_tx.clone();
+        watchers.push(tokio::spawn(async move {
+            while commits.changed().await.is_ok() {
+                let seq = *commits.borrow_and_update();
+                let _ = tx.send((s, seq, Instant::now()));
+            }
+        }));
+    }
+    let l = leader;
+    let written = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut id = first_id;
+        let mut out = Vec::new();
+        while started.elapsed() < duration {
+            let due = started + Duration::from_secs_f64(out.len() as f64 / writes_per_sec);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            // One shard per write: every pin of it has the first pin's owner.
+            let owner = UserId::new(1 + id % users).unwrap();
+            let s = shard_of(owner, SHARDS) as usize;
+            let muts: Vec<Mutation> = (0..pins_per_write)
+                .map(|i| {
+                    let (_, mut p) = pin(id + i, SHARDS, users);
+                    p.owner = owner;
+                    p.board = BoardId::new(1_000_000_000 + owner.get()).unwrap();
+                    Mutation::UpsertPin(p)
+                })
+                .collect();
+            id += pins_per_write;
+            let committed = l[s].write(&muts, Durability::Buffered).unwrap();
+            out.push((s, committed.sequence, Instant::now()));
+        }
+        out
+    })
+    .await
+    .unwrap();
+    let writes = written.len();
+    for s in 0..SHARDS {
+        c.caught_up("a", &["b"], s, Duration::from_secs(60)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for w in watchers {
+        w.abort();
+    }
+    drop(applied_tx);
+    let mut applied: Vec<Vec<(u64, Instant)>> = vec![Vec::new(); SHARDS as usize];
+    while let Some((s, seq, at)) = applied_rx.recv().await {
+        applied[s].push((seq, at));
+    }
+    // Each write's lag: to the follower's first commit that reached it.
+    let lags: Vec<(Instant, u64)> = written
+        .iter()
+        .filter_map(|(s, seq, at)| {
+            let events = &applied[*s];
+            let i = events.partition_point(|(applied, _)| applied < seq);
+            events.get(i).map(|(_, done)| (*at, done.saturating_duration_since(*at).as_micros() as u64))
+        })
+        .collect();
+    assert_eq!(lags.len(), writes, "every write reached the follower");
+    let mut h = histogram();
+    let mut window_max: Vec<u64> = Vec::new();
+    let start = lags.iter().map(|l| l.0).min();
+    for (at, lag) in &lags {
+        h.record((*lag).max(1)).unwrap();
+        let w = start.map_or(0, |s| at.duration_since(s).as_secs() as usize);
+        if window_max.len() <= w {
+            window_max.resize(w + 1, 0);
+        }
+        window_max[w] = window_max[w].max(*lag);
+    }
+    let avg_max = window_max.iter().sum::<u64>() as f64 / window_max.len().max(1) as f64 / 1000.0;
+    println!(
+        "replication lag at {:.1} MB/s ({writes} writes of {pins_per_write} pins in {:.0} s): average max lag {avg_max:.2} ms",
+        writes_per_sec * bytes_per_pin * pins_per_write as f64 / 1e6,
+        duration.as_secs_f64()
+    );
+    report("replication lag per write", &h);
+}
+
 async fn apply_and_lag(full: bool) {
     const SHARDS: u32 = 4;
     let c = Cluster::start(&["a", "b"], SHARDS, &[("0-3", "a", &["b"], 1)], |_, cfg| {
@@ -196,95 +297,10 @@ async fn apply_and_lag(full: bool) {
         assert_eq!(c.digest("a", s).await, c.digest("b", s).await, "shard {s}");
     }
 
-    // 2. Lag at half the rate the leader sustains, in writes of 100 pins, open loop:
-    // from each write's commit on the leader to the follower's commit of it (its
-    // commit notifications; no polling).
-    let pins_per_write = 100u64;
-    let writes_per_sec = (leader_rate / 2.0 / (bytes_per_pin * pins_per_write as f64)).max(1.0);
+    // 2. Lag at half, and an eighth, of the rate the leader sustains.
     let duration = if full { Duration::from_secs(20) } else { Duration::from_secs(2) };
-    // Every commit of the follower, (shard, sequence, when), from its notifications.
-    let (applied_tx, mut applied_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64, Instant)>();
-    let mut watchers = Vec::new();
-    for s in 0..SHARDS as usize {
-        let mut commits = c.node("b").replicas().get(s as u32).unwrap().commits();
-        let tx = applied_tx.clone();
-        watchers.push(tokio::spawn(async move {
-            while commits.changed().await.is_ok() {
-                let seq = *commits.borrow_and_update();
-                let _ = tx.send((s, seq, Instant::now()));
-            }
-        }));
-    }
-    let l = leader.clone();
-    let written = tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let mut id = 20_000_000u64;
-        let mut out = Vec::new();
-        while started.elapsed() < duration {
-            let due = started + Duration::from_secs_f64(out.len() as f64 / writes_per_sec);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            // One shard per write: every pin of it has the first pin's owner.
-            let owner = UserId::new(1 + id % users).unwrap();
-            let s = shard_of(owner, SHARDS) as usize;
-            let muts: Vec<Mutation> = (0..pins_per_write)
-                .map(|i| {
-                    let (_, mut p) = pin(id + i, SHARDS, users);
-                    p.owner = owner;
-                    p.board = BoardId::new(1_000_000_000 + owner.get()).unwrap();
-                    Mutation::UpsertPin(p)
-                })
-                .collect();
-            id += pins_per_write;
-            let committed = l[s].write(&muts, Durability::Buffered).unwrap();
-            out.push((s, committed.sequence, Instant::now()));
-        }
-        out
-    })
-    .await
-    .unwrap();
-    let writes = written.len();
-    for s in 0..SHARDS {
-        c.caught_up("a", &["b"], s, Duration::from_secs(60)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    for w in watchers {
-        w.abort();
-    }
-    drop(applied_tx);
-    let mut applied: Vec<Vec<(u64, Instant)>> = vec![Vec::new(); SHARDS as usize];
-    while let Some((s, seq, at)) = applied_rx.recv().await {
-        applied[s].push((seq, at));
-    }
-    // Each write's lag: to the follower's first commit that reached it.
-    let lags: Vec<(Instant, u64)> = written
-        .iter()
-        .filter_map(|(s, seq, at)| {
-            let events = &applied[*s];
-            let i = events.partition_point(|(applied, _)| applied < seq);
-            events.get(i).map(|(_, done)| (*at, done.saturating_duration_since(*at).as_micros() as u64))
-        })
-        .collect();
-    assert_eq!(lags.len(), writes, "every write reached the follower");
-    let mut h = histogram();
-    let mut window_max: Vec<u64> = Vec::new();
-    let start = lags.iter().map(|l| l.0).min();
-    for (at, lag) in &lags {
-        h.record((*lag).max(1)).unwrap();
-        let w = start.map_or(0, |s| at.duration_since(s).as_secs() as usize);
-        if window_max.len() <= w {
-            window_max.resize(w + 1, 0);
-        }
-        window_max[w] = window_max[w].max(*lag);
-    }
-    let avg_max = window_max.iter().sum::<u64>() as f64 / window_max.len().max(1) as f64 / 1000.0;
-    println!(
-        "replication lag at {:.1} MB/s ({writes} writes of {pins_per_write} pins in {:.0} s): average max lag {avg_max:.2} ms",
-        writes_per_sec * bytes_per_pin * pins_per_write as f64 / 1e6,
-        duration.as_secs_f64()
-    );
-    report("replication lag per write", &h);
+    lag(&c, &leader, leader_rate / 2.0, bytes_per_pin, users, 20_000_000, duration).await;
+    lag(&c, &leader, leader_rate / 8.0, bytes_per_pin, users, 25_000_000, duration).await;
 
     // 3. Semi-sync against async, one pin per write, interleaved.
     let mut graph = c.graph("a").await;

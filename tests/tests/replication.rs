@@ -458,3 +458,31 @@ async fn semi_sync_on_a_standalone_node_is_refused_before_writing() {
     assert!(!found);
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_that_restarts_steps_down_to_the_newer_epoch() {
+    let groups: &[Group] = &[("0", "a", &["b"], 1)];
+    let mut c = Cluster::start(&["a", "b"], 1, groups, |_, _| {}).await;
+    write(&c, "a", setup_writes(), pb::Ack::Async).await.unwrap();
+    c.caught_up("a", &["b"], 0, CATCH_UP).await;
+    // The leader crashes; the follower is promoted at epoch 2 and written to.
+    c.stop("a").await;
+    c.transition("b", 0, Role::Leader { epoch: 2 }).await.unwrap();
+    write(&c, "b", vec![pin(1, 1, 10, NOW, vec![], 0.5)], pb::Ack::Async).await.unwrap();
+    // The old leader comes back with the placement's role (leader at epoch 1), learns
+    // from its directory that b leads at epoch 2, and follows it.
+    c.restart("a").await;
+    let deadline = Instant::now() + CATCH_UP;
+    while c.node("a").replicas().get(0).unwrap().role() != (Role::Follower { leader: c.addr("b"), epoch: 2 })
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a did not step down: {:?}",
+            c.node("a").replicas().get(0).unwrap().status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_replicas_equal(&c, "b", &["a"], 1).await;
+    assert!(found(&c, "a", 1, 1).await);
+    c.shutdown().await;
+}
