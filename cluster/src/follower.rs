@@ -99,11 +99,16 @@ pub(crate) async fn run(
             }
             continue;
         }
-        let step = tokio::select! {
-            s = round(&replica, &mut client, &leader, &mut epoch, &mut lagging, &mut position) => s,
-            _ = stop.wait_for(|s| *s) => Step::Stop,
-            _ = shutdown.wait_for(|s| *s) => Step::Stop,
+        // Only the long poll is interrupted by a stop, never an apply: a batch is
+        // applied whole, and no detached task keeps the store open.
+        let stopping = async {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
         };
+        let step =
+            round(&replica, &mut client, &leader, &mut epoch, &mut lagging, &mut position, stopping).await;
         if !matches!(step, Step::Continue) {
             position = None;
         }
@@ -128,6 +133,7 @@ async fn round(
     epoch: &mut u64,
     lagging: &mut bool,
     cached: &mut Option<LogPosition>,
+    stopping: impl std::future::Future<Output = ()>,
 ) -> Step {
     let shard = replica.shard();
     let position = match *cached {
@@ -154,7 +160,11 @@ async fn round(
     };
     let mut request = tonic::Request::new(request);
     request.set_timeout(cfg.poll_wait + Duration::from_secs(10));
-    let response = match client.get_updates(request).await {
+    let answer = tokio::select! {
+        a = client.get_updates(request) => a,
+        _ = stopping => return Step::Stop,
+    };
+    let response = match answer {
         Ok(r) => r.into_inner(),
         Err(status) => return refused(replica, leader, epoch, &status).await,
     };
