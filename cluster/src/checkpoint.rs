@@ -135,13 +135,20 @@ impl Checkpoints {
         epoch: u64,
         resume: Option<&str>,
     ) -> Result<(PathBuf, Arc<Manifest>)> {
-        self.sweep();
         if let Some(id) = resume {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(h) = held.get_mut(id).filter(|h| h.shard == shard) {
                 h.last_used = Instant::now();
                 return Ok((h.path.clone(), h.manifest.clone()));
             }
+        }
+        let expired = self.expired(shard);
+        if !expired.is_empty() {
+            blocking(move || {
+                remove_checkpoints(expired);
+                Ok(())
+            })
+            .await?;
         }
         let id = format!("shard-{shard:03}-{:016x}", rand::random::<u64>());
         let path = self.dir.join(&id);
@@ -182,23 +189,19 @@ impl Checkpoints {
         Ok((path, manifest))
     }
 
-    /// Removes checkpoints unused for longer than the TTL.
-    fn sweep(&self) {
-        let expired: Vec<Held> = {
-            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            let ids: Vec<String> = held
-                .iter()
-                .filter(|(_, h)| h.last_used.elapsed() > self.ttl)
-                .map(|(id, _)| id.clone())
-                .collect();
-            ids.iter().filter_map(|id| held.remove(id)).collect()
-        };
-        for h in expired {
-            // Blocking, but only directory entries of hard links: quick.
-            if let Err(e) = std::fs::remove_dir_all(&h.path) {
-                tracing::warn!(path = %h.path.display(), error = %e, "could not remove an expired checkpoint");
-            }
-        }
+    /// Takes out of the held set the checkpoints unused for longer than the TTL, and
+    /// the least recently used of `shard`'s beyond [`MAX_HELD_PER_SHARD`] - 1 (room for
+    /// the one about to be taken): each pins the SST files it links.
+    fn expired(&self, shard: u32) -> Vec<PathBuf> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ids: Vec<String> =
+            held.iter().filter(|(_, h)| h.last_used.elapsed() > self.ttl).map(|(id, _)| id.clone()).collect();
+        let mut of_shard: Vec<(&String, Instant)> =
+            held.iter().filter(|(_, h)| h.shard == shard).map(|(id, h)| (id, h.last_used)).collect();
+        of_shard.sort_by_key(|(_, used)| *used);
+        let excess = of_shard.len().saturating_sub(MAX_HELD_PER_SHARD - 1);
+        ids.extend(of_shard.into_iter().take(excess).map(|(id, _)| id.clone()));
+        ids.iter().filter_map(|id| held.remove(id)).map(|h| h.path).collect()
     }
 
     /// Streams `manifest` then the bytes of every file the follower lacks (`have`:
@@ -465,6 +468,18 @@ fn append_at(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
         )));
     }
     f.write_all(data).map_err(io)
+}
+
+/// Checkpoints of one shard a leader holds at most (followers bootstrapping at once).
+const MAX_HELD_PER_SHARD: usize = 4;
+
+/// Deletes checkpoint directories (hard links: quick, but disk work). Blocking.
+fn remove_checkpoints(paths: Vec<PathBuf>) {
+    for path in paths {
+        if let Err(e) = std::fs::remove_dir_all(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove an expired checkpoint");
+        }
+    }
 }
 
 #[cfg(test)]

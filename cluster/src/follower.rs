@@ -73,7 +73,8 @@ pub(crate) async fn run(
     };
     let mut shutdown = replica.shutdown.clone();
     let mut backoff = Backoff(Backoff::MIN);
-    let mut rebuild = replica.store().is_none();
+    // No data, or data marked diverged (maybe before a restart): rebuild first.
+    let mut rebuild = replica.store().is_none() || replica.is_diverged();
     let mut lagging = false;
     // The replica's log position, as of its last apply (`None`: ask the store).
     let mut position: Option<LogPosition> = None;
@@ -183,10 +184,8 @@ async fn round(
         let mut shipped = Vec::with_capacity(batches.len());
         for b in batches {
             if crc32c::crc32c(&b.data) != b.crc32c {
-                return Err(Error::Store(StoreError::ReplicatedBatch(format!(
-                    "at {} fails its checksum",
-                    b.sequence
-                ))));
+                // Damaged in transit, nothing applied: asked for again, not rebuilt.
+                return Err(Error::Remote(format!("the shipped batch at {} fails its checksum", b.sequence)));
             }
             bytes += b.data.len() as u64;
             last_commit = b.commit_time_ms;
@@ -230,7 +229,7 @@ async fn round(
             | StoreError::Diverged(_)),
         )) => {
             tracing::warn!(shard, %leader, error = %e, "a shipped batch cannot be applied here; rebuilding from a checkpoint");
-            replica.mark_diverged(true);
+            mark_diverged(replica).await;
             Step::Rebuild
         }
         Err(e) => {
@@ -257,8 +256,20 @@ async fn refused(replica: &Arc<Replica>, leader: &str, epoch: &mut u64, status: 
         }
         RefusalKind::Diverged => {
             tracing::warn!(shard, %leader, reason = status.message(), "this replica's log diverged from the leader's; rebuilding from a checkpoint (its own writes are dropped)");
-            replica.mark_diverged(true);
+            mark_diverged(replica).await;
             Step::Rebuild
+        }
+        RefusalKind::ForeignData => {
+            // Another database than this replica's: a leader that lost its data, or a
+            // wrong address. Rebuilding would wipe what may be the only copy, so the
+            // replica keeps its data and waits for an operator (who deletes the
+            // shard's directory to have it rebuilt, or fixes the placement).
+            let state = format!("refusing {leader}: it holds another database ({})", status.message());
+            if replica.stats.state() != state {
+                tracing::error!(shard, %leader, reason = status.message(), "the leader holds another database than this replica; keeping this replica's data, not following");
+                replica.stats.set_state(state);
+            }
+            Step::Retry
         }
         RefusalKind::StaleEpoch => match r.epoch {
             Some(theirs) if theirs > *epoch => {
@@ -333,4 +344,12 @@ async fn bootstrap(
         "checkpoint installed; shipping resumes from its sequence"
     );
     Ok(())
+}
+
+/// Marks the replica diverged (durably, so a restart does not serve or promote it).
+async fn mark_diverged(replica: &Arc<Replica>) {
+    let r = replica.clone();
+    if let Err(e) = blocking(move || r.mark_diverged(true)).await {
+        tracing::error!(shard = replica.shard(), error = %e, "could not record the divergence on disk");
+    }
 }

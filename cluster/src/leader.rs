@@ -70,6 +70,10 @@ impl LeaderState {
     /// A follower asked for updates after `applied`: it has applied that much.
     pub(crate) fn record(&self, node: &str, applied: u64) {
         let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
+        if followers.len() >= 64 && !followers.contains_key(node) {
+            // Names are the callers' own: forget the silent ones so the map stays small.
+            followers.retain(|_, p| p.seen.elapsed() < FOLLOWER_FORGET);
+        }
         followers.insert(node.to_owned(), Progress { applied, seen: Instant::now() });
         self.acked.send_if_modified(|a| {
             let changed = applied > *a;

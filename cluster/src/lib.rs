@@ -94,6 +94,13 @@ pub enum Error {
     #[error("shard {shard}: epoch {given} is not this replica's epoch {current}")]
     StaleEpoch { shard: u32, given: u64, current: u64 },
 
+    /// A promotion at an epoch this replica already accepted: a new leader needs a
+    /// new epoch, or two leaders could write under one.
+    #[error(
+        "shard {shard}: a new leader needs an epoch above {promised} (the newest this replica accepted), not {given}"
+    )]
+    EpochNotNewer { shard: u32, given: u64, promised: u64 },
+
     /// A standalone shard (epoch 0) has no followers to replicate to.
     #[error(
         "shard {shard} is standalone (epoch 0): make it a leader at an epoch of at least 1 to replicate it or write SEMI_SYNC"

@@ -16,6 +16,9 @@ use crate::leader::LeaderState;
 use crate::role::{Role, RoleState};
 use crate::{Error, ReadAfter, ReplicationConfig, Result, blocking};
 
+/// How long a checkpoint install waits for reads of the data it replaces.
+const INSTALL_READERS_WAIT: Duration = Duration::from_secs(30);
+
 /// Where a replica keeps its files, under the node's data directory.
 #[derive(Clone, Debug)]
 pub(crate) struct ShardPaths {
@@ -27,6 +30,9 @@ pub(crate) struct ShardPaths {
     pub(crate) staging: PathBuf,
     /// The persisted role.
     pub(crate) state: PathBuf,
+    /// Present while the data diverged from its leader's and awaits a rebuild: such a
+    /// replica serves no reads and cannot lead, also after a restart.
+    pub(crate) rebuild: PathBuf,
 }
 
 impl ShardPaths {
@@ -37,6 +43,7 @@ impl ShardPaths {
             old: data_dir.join(format!("{name}.old")),
             staging: data_dir.join("staging").join(&name),
             state: data_dir.join("replicas").join(format!("{name}.toml")),
+            rebuild: data_dir.join("replicas").join(format!("{name}.rebuild")),
         }
     }
 
@@ -113,7 +120,7 @@ impl Stats {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state.into();
     }
 
-    fn state(&self) -> String {
+    pub(crate) fn state(&self) -> String {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -199,6 +206,14 @@ impl Replica {
     ) -> Result<Arc<Replica>> {
         let ReplicaSetup { shard, node_id, paths, opts, cfg, shutdown } = setup;
         let latest = store.as_ref().map_or(0, |s| s.latest_sequence());
+        let marker = paths.rebuild.clone();
+        let diverged = blocking(move || Ok(marker.exists())).await?;
+        if diverged && matches!(role, Role::Leader { .. }) {
+            return Err(Error::Placement(format!(
+                "shard {shard}: this replica's data diverged from its last leader's and awaits a rebuild ({} exists); it cannot lead",
+                paths.rebuild.display()
+            )));
+        }
         let replica = Arc::new(Replica {
             shard,
             node_id,
@@ -214,7 +229,7 @@ impl Replica {
             leader: Arc::new(LeaderState::new(latest)),
             follower: Mutex::new(None),
             stats: Stats::default(),
-            diverged: AtomicBool::new(false),
+            diverged: AtomicBool::new(diverged),
             shutdown,
         });
         if let Some(store) = store {
@@ -379,6 +394,11 @@ impl Replica {
         if current.role == target {
             return Ok(self.status());
         }
+        if let Role::Leader { epoch } = target
+            && epoch <= current.promised
+        {
+            return Err(Error::EpochNotNewer { shard: self.shard, given: epoch, promised: current.promised });
+        }
         if matches!(target, Role::Leader { .. })
             && (self.store().is_none() || self.diverged.load(Ordering::Acquire))
         {
@@ -416,8 +436,13 @@ impl Replica {
             }
         };
         if let Err(e) = result {
-            // The store refused (an epoch older than its history): stay offline.
+            // The store refused (an epoch older than its history): stay offline, and
+            // come back offline after a restart, not in the role that failed.
             self.stats.set_state("offline (transition failed)");
+            let (offline, path) = (RoleState { role: Role::Offline, promised }, self.paths.state.clone());
+            if let Err(persist) = blocking(move || offline.store(&path)).await {
+                tracing::error!(shard = self.shard, error = %persist, "could not record the failed transition");
+            }
             return Err(self.epoch_error(e));
         }
         self.role.lock().unwrap_or_else(|e| e.into_inner()).role = target.clone();
@@ -456,20 +481,46 @@ impl Replica {
         }
     }
 
-    /// Stops the follower task and waits for it (it finishes the batch it applies).
+    /// Stops the follower task and waits for it: a long poll or a download stops at
+    /// once, an apply finishes its batch, and a checkpoint install finishes its swap
+    /// (it waits up to [`INSTALL_READERS_WAIT`] for reads of the old data), so the
+    /// transition that follows never races an install.
     pub(crate) async fn stop_follower(&self) {
         let task = self.follower.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(task) = task {
             let _ = task.stop.send(true);
             let abort = task.handle.abort_handle();
-            if tokio::time::timeout(self.cfg.poll_wait + Duration::from_secs(5), task.handle).await.is_err() {
+            let bound = INSTALL_READERS_WAIT + self.cfg.poll_wait + Duration::from_secs(30);
+            if tokio::time::timeout(bound, task.handle).await.is_err() {
+                tracing::error!(shard = self.shard, "the follower task did not stop; aborting it");
                 abort.abort();
             }
         }
     }
 
-    pub(crate) fn mark_diverged(&self, diverged: bool) {
+    pub(crate) fn is_diverged(&self) -> bool {
+        self.diverged.load(Ordering::Acquire)
+    }
+
+    /// Records that the data diverged from the leader's (or, after a rebuild, no
+    /// longer does), durably: a restart keeps the replica out of reads and leadership
+    /// until it is rebuilt. Blocking.
+    pub(crate) fn mark_diverged(&self, diverged: bool) -> Result<()> {
         self.diverged.store(diverged, Ordering::Release);
+        let path = &self.paths.rebuild;
+        let io = |what: &str| {
+            let what = format!("{what} {}", path.display());
+            move |e| Error::io(what, e)
+        };
+        if diverged {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(io("creating the directory of"))?;
+            }
+            std::fs::File::create(path).and_then(|f| f.sync_all()).map_err(io("creating"))?;
+        } else if path.exists() {
+            std::fs::remove_file(path).map_err(io("removing"))?;
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------------ rebuild
@@ -481,11 +532,13 @@ impl Replica {
     pub(crate) fn install(&self, manifest: &Manifest) -> Result<()> {
         let old = self.store.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(old) = old {
-            let deadline = Instant::now() + Duration::from_secs(30);
+            let deadline = Instant::now() + INSTALL_READERS_WAIT;
             while Arc::strong_count(&old) > 1 {
                 if Instant::now() > deadline {
                     self.put_store(old);
-                    return Err(Error::Checkpoint("reads of the old data did not finish in 30 s".into()));
+                    return Err(Error::Checkpoint(format!(
+                        "reads of the old data did not finish in {INSTALL_READERS_WAIT:?}"
+                    )));
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -515,8 +568,7 @@ impl Replica {
             )));
         }
         self.put_store(Arc::new(store));
-        self.mark_diverged(false);
-        Ok(())
+        self.mark_diverged(false)
     }
 
     // ------------------------------------------------------------------ status

@@ -100,8 +100,10 @@ impl Replicas {
 
     /// A node of a placement: it holds the replicas the placement gives it (a replica
     /// that remembers a newer epoch than the placement keeps what it remembers). A
-    /// leader without data starts an empty shard; a follower without data bootstraps
-    /// from its leader. Opens stores on the blocking pool.
+    /// leader without data starts an empty shard only if it never held the shard; a
+    /// follower without data bootstraps from its leader. A leader placed at an epoch
+    /// its data already holds from another leader is refused (two leaders of one
+    /// epoch). Opens stores on the blocking pool.
     pub async fn placed(setup: NodeSetup, placement: &Placement) -> Result<Arc<Replicas>> {
         if placement.shard_count != setup.shard_count {
             return Err(Error::Placement(format!(
@@ -121,6 +123,7 @@ impl Replicas {
             let paths = ShardPaths::new(&this.data_dir, shard);
             let state_path = paths.state.clone();
             let remembered = blocking(move || RoleState::load(&state_path)).await?;
+            let remembered_role = remembered.as_ref().map(|s| s.role.clone());
             let state = match (placed, remembered) {
                 (None, None) => continue,
                 (None, Some(s)) => s,
@@ -133,17 +136,39 @@ impl Replicas {
                     RoleState { role: p, promised }
                 }
             };
-            let (p, opts, leader) =
-                (paths.clone(), (this.options)(shard), matches!(state.role, Role::Leader { .. }));
+            let (p, opts) = (paths.clone(), (this.options)(shard));
+            let (role, known_before) = (state.role.clone(), remembered_role.is_some());
             let store = blocking(move || {
                 p.recover()?;
-                Ok(match (p.live.exists(), leader) {
-                    (true, true) | (false, true) => Some(Arc::new(Shard::open(&p.live, &opts)?)),
-                    (true, false) => Some(Arc::new(Shard::open_replica(&p.live, &opts)?)),
-                    (false, false) => None,
+                Ok(match (p.live.exists(), role) {
+                    (true, Role::Leader { .. }) => Some(Arc::new(Shard::open(&p.live, &opts)?)),
+                    // Only a new replica starts an empty shard. One that held the shard
+                    // before and lost its data would lead an empty shard under a new
+                    // lineage (its followers refuse it, but writes would go to it).
+                    (false, Role::Leader { epoch }) if known_before => {
+                        return Err(Error::Placement(format!(
+                            "shard {shard}: placed as leader at epoch {epoch}, but its data is missing here ({} does not exist, {} does): lead from a replica that holds the data, at a higher epoch, or restore it",
+                            p.live.display(),
+                            p.state.display()
+                        )));
+                    }
+                    (false, Role::Leader { .. }) => Some(Arc::new(Shard::open(&p.live, &opts)?)),
+                    (true, _) => Some(Arc::new(Shard::open_replica(&p.live, &opts)?)),
+                    (false, _) => None,
                 })
             })
             .await?;
+            // A term is begun once: a replica whose data already holds the placed
+            // epoch, and that did not lead it, would be a second leader of that epoch.
+            if let (Role::Leader { epoch }, Some(store)) = (&state.role, &store)
+                && *epoch > 0
+                && store.epoch_history().current() == *epoch
+                && remembered_role.as_ref() != Some(&state.role)
+            {
+                return Err(Error::Placement(format!(
+                    "shard {shard}: placed as leader at epoch {epoch}, but this replica's data already holds epoch {epoch} of another leader's term; a new leader needs a higher epoch"
+                )));
+            }
             let (s, path) = (state.clone(), paths.state.clone());
             blocking(move || s.store(&path)).await?;
             this.add(shard, paths, store, state.role, state.promised).await.map_err(|e| match e {
@@ -250,6 +275,11 @@ impl Replicas {
     /// No work outside the registry holds a store.
     pub fn idle(&self) -> bool {
         self.all().iter().all(|r| r.idle())
+    }
+
+    /// Where `CreateCheckpoint` writes: `<data_dir>/backups`.
+    pub(crate) fn backups_dir(&self) -> PathBuf {
+        self.data_dir.join("backups")
     }
 
     pub(crate) fn config(&self) -> &ReplicationConfig {

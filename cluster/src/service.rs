@@ -1,13 +1,13 @@
 //! `ReplicationService` (log shipping, checkpoints) and `AdminService` (replica roles,
 //! status, checkpoints) over a node's [`Replicas`], and the one mapping of
-//! [`Error`] to `tonic::Status`.
+//! [`Error`] (and of the store's error) to `tonic::Status`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use feedgraph_graph_store::{Error as StoreError, LogPosition};
+use feedgraph_graph_store::{Divergence, Error as StoreError, LogPosition};
 use feedgraph_proto::pb::internal as ipb;
-use feedgraph_proto::refusal::{RefusalKind, refuse};
+use feedgraph_proto::refusal::{RefusalKind, refuse, with_sequence};
 use tonic::{Request, Response, Status};
 
 use crate::leader::now_ms;
@@ -24,10 +24,14 @@ pub fn status(e: Error) -> Status {
         Error::StaleEpoch { current, .. } => {
             refuse(Status::failed_precondition(msg), RefusalKind::StaleEpoch, None, Some(current))
         }
-        Error::Behind { .. } => refuse(Status::failed_precondition(msg), RefusalKind::Behind, None, None),
-        Error::NotConfirmed { epoch, .. } => {
-            refuse(Status::deadline_exceeded(msg), RefusalKind::NotConfirmed, None, Some(epoch))
+        Error::EpochNotNewer { promised, .. } => {
+            refuse(Status::failed_precondition(msg), RefusalKind::StaleEpoch, None, Some(promised))
         }
+        Error::Behind { .. } => refuse(Status::failed_precondition(msg), RefusalKind::Behind, None, None),
+        Error::NotConfirmed { epoch, sequence, .. } => with_sequence(
+            refuse(Status::deadline_exceeded(msg), RefusalKind::NotConfirmed, None, Some(epoch)),
+            sequence,
+        ),
         Error::Standalone { .. } | Error::NoData { .. } => Status::failed_precondition(msg),
         Error::NoReplica { .. } => Status::not_found(msg),
         Error::Unreadable { .. } | Error::Shutdown | Error::Remote(_) => Status::unavailable(msg),
@@ -40,10 +44,15 @@ pub fn status(e: Error) -> Status {
     }
 }
 
-fn store_status(e: StoreError) -> Status {
+/// Maps a store error to a status: the node's one mapping, shared by the public and
+/// internal services, so a refusal reads the same whichever service a client called.
+pub fn store_status(e: StoreError) -> Status {
     let msg = e.to_string();
     match e {
         StoreError::WalGap { .. } => refuse(Status::out_of_range(msg), RefusalKind::WalGap, None, None),
+        StoreError::Diverged(Divergence::Lineage { .. } | Divergence::Layout) => {
+            refuse(Status::failed_precondition(msg), RefusalKind::ForeignData, None, None)
+        }
         StoreError::Diverged(_) | StoreError::AheadOfLog { .. } => {
             refuse(Status::failed_precondition(msg), RefusalKind::Diverged, None, None)
         }
@@ -64,7 +73,7 @@ fn store_status(e: StoreError) -> Status {
         | StoreError::Corrupt { .. }
         | StoreError::Rocks(_)
         | StoreError::Io { .. } => {
-            tracing::error!(error = %msg, "store error in replication");
+            tracing::error!(error = %msg, "store error");
             Status::internal(msg)
         }
     }
@@ -110,6 +119,11 @@ impl ipb::replication_service_server::ReplicationService for ReplicationApi {
         request: Request<ipb::GetUpdatesRequest>,
     ) -> Result<Response<ipb::GetUpdatesResponse>, Status> {
         let req = request.into_inner();
+        // A stopping node answers no polls: its followers back off instead of
+        // polling it in a loop until its port closes.
+        if *self.replicas.stopping().borrow() {
+            return Err(status(Error::Shutdown));
+        }
         let r = replica(&self.replicas, req.shard)?;
         let epoch = leader_epoch(&r, req.epoch).map_err(status)?;
         let store = r.store().ok_or_else(|| status(Error::NoData { shard: req.shard }))?;
@@ -130,6 +144,9 @@ impl ipb::replication_service_server::ReplicationService for ReplicationApi {
             let wait = std::time::Duration::from_millis(u64::from(req.wait_ms)).min(cfg.poll_wait * 4);
             let mut stopping = self.replicas.stopping();
             r.leader.wait_commit_after(req.since_sequence, wait, &mut stopping).await;
+            if *stopping.borrow() {
+                return Err(status(Error::Shutdown));
+            }
         }
         let max_bytes = (req.max_bytes as usize).clamp(1, cfg.max_batch_bytes.max(1));
         let since = req.since_sequence;
@@ -289,13 +306,27 @@ impl ipb::admin_service_server::AdminService for AdminApi {
         request: Request<ipb::CreateCheckpointRequest>,
     ) -> Result<Response<ipb::CreateCheckpointResponse>, Status> {
         let req = request.into_inner();
-        if req.directory.is_empty() {
-            return Err(Status::invalid_argument("directory: is required"));
+        // A name, not a path: a caller writes only under the node's backups directory.
+        let plain = !req.directory.is_empty()
+            && req.directory != "."
+            && req.directory != ".."
+            && !req.directory.contains(['/', '\\', '\0']);
+        if !plain {
+            return Err(Status::invalid_argument(
+                "directory: a plain name (no `/`), created under the node's <data_dir>/backups",
+            ));
         }
         let r = replica(&self.replicas, req.shard)?;
         let store = r.store().ok_or_else(|| status(Error::NoData { shard: req.shard }))?;
-        let dir = req.directory.clone();
-        let sequence = blocking(move || store.checkpoint(&dir).map_err(Error::from)).await.map_err(status)?;
-        Ok(Response::new(ipb::CreateCheckpointResponse { sequence, directory: req.directory }))
+        let dir = self.replicas.backups_dir().join(&req.directory);
+        let (d, parent) = (dir.clone(), self.replicas.backups_dir());
+        let sequence = blocking(move || {
+            std::fs::create_dir_all(&parent)
+                .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+            store.checkpoint(&d).map_err(Error::from)
+        })
+        .await
+        .map_err(status)?;
+        Ok(Response::new(ipb::CreateCheckpointResponse { sequence, directory: dir.display().to_string() }))
     }
 }

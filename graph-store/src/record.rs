@@ -5,7 +5,7 @@
 //! decoding checks lengths and never panics — a bad value is a `None` that the caller
 //! turns into [`crate::Error::Corrupt`].
 
-use feedgraph_model::{BoardId, PinId, PinSignals, TopicId, UserId};
+use feedgraph_model::{BoardId, Pin, PinId, PinSignals, TopicId, UserId};
 
 /// Version byte of the pin record format.
 const PIN_RECORD_V1: u8 = 1;
@@ -30,6 +30,21 @@ pub struct PinRecord {
 }
 
 impl PinRecord {
+    /// The record of a pin as first written: live, no moderation flags.
+    pub(crate) fn new_live(p: &Pin) -> PinRecord {
+        PinRecord {
+            id: p.id,
+            owner: p.owner,
+            board: p.board,
+            created_at_ms: p.created_at_ms,
+            topics: p.topics.clone(),
+            signals: p.signals,
+            deleted: false,
+            spam: false,
+            is_unsafe: false,
+        }
+    }
+
     pub(crate) fn flags(&self) -> u8 {
         (if self.deleted { FLAG_DELETED } else { 0 })
             | (if self.spam { FLAG_SPAM } else { 0 })

@@ -11,6 +11,8 @@ pub const KIND_KEY: &str = "feedgraph-error";
 pub const LEADER_KEY: &str = "feedgraph-leader";
 /// Metadata key with the replica's current epoch.
 pub const EPOCH_KEY: &str = "feedgraph-epoch";
+/// Metadata key with the sequence number a `not-confirmed` write committed at.
+pub const SEQUENCE_KEY: &str = "feedgraph-sequence";
 
 /// Why a replica refused a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +27,10 @@ pub enum RefusalKind {
     WalGap,
     /// The follower's log is not a prefix of the leader's: rebuild.
     Diverged,
+    /// The follower holds another database than the leader (another lineage or
+    /// column-family layout): not the same shard's history, so nothing is rebuilt
+    /// without an operator.
+    ForeignData,
     /// A semi-sync write committed on the leader but no follower confirmed it in time.
     NotConfirmed,
 }
@@ -37,6 +43,7 @@ impl RefusalKind {
             RefusalKind::Behind => "behind",
             RefusalKind::WalGap => "wal-gap",
             RefusalKind::Diverged => "diverged",
+            RefusalKind::ForeignData => "foreign-data",
             RefusalKind::NotConfirmed => "not-confirmed",
         }
     }
@@ -48,6 +55,7 @@ impl RefusalKind {
             RefusalKind::Behind,
             RefusalKind::WalGap,
             RefusalKind::Diverged,
+            RefusalKind::ForeignData,
             RefusalKind::NotConfirmed,
         ]
         .into_iter()
@@ -61,6 +69,9 @@ pub struct Refusal {
     pub kind: RefusalKind,
     pub leader: Option<String>,
     pub epoch: Option<u64>,
+    /// Where the refused write committed (`not-confirmed`), so a broker's
+    /// read-your-writes position survives a hop.
+    pub sequence: Option<u64>,
 }
 
 /// Attaches the refusal's metadata to `status`.
@@ -76,14 +87,20 @@ pub fn refuse(mut status: Status, kind: RefusalKind, leader: Option<&str>, epoch
     status
 }
 
+/// Adds the sequence number a write committed at to a refusal.
+pub fn with_sequence(mut status: Status, sequence: u64) -> Status {
+    status.metadata_mut().insert(SEQUENCE_KEY, MetadataValue::from(sequence));
+    status
+}
+
 /// The refusal a status carries, if it is one.
 pub fn refusal(status: &Status) -> Option<Refusal> {
     let md = status.metadata();
     let kind = RefusalKind::parse(md.get(KIND_KEY)?.to_str().ok()?)?;
     let leader =
         md.get(LEADER_KEY).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()).map(str::to_owned);
-    let epoch = md.get(EPOCH_KEY).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok());
-    Some(Refusal { kind, leader, epoch })
+    let number = |key| md.get(key).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok());
+    Some(Refusal { kind, leader, epoch: number(EPOCH_KEY), sequence: number(SEQUENCE_KEY) })
 }
 
 #[cfg(test)]
@@ -99,9 +116,15 @@ mod tests {
             Some(Refusal {
                 kind: RefusalKind::NotLeader,
                 leader: Some("127.0.0.1:7001".into()),
-                epoch: Some(3)
+                epoch: Some(3),
+                sequence: None,
             })
         );
+        let s = with_sequence(
+            refuse(Status::deadline_exceeded("late"), RefusalKind::NotConfirmed, None, Some(2)),
+            41,
+        );
+        assert_eq!(refusal(&s).map(|r| (r.epoch, r.sequence)), Some((Some(2), Some(41))));
         let s = refuse(Status::out_of_range("gap"), RefusalKind::WalGap, None, None);
         assert_eq!(refusal(&s).map(|r| r.kind), Some(RefusalKind::WalGap));
         assert_eq!(refusal(&Status::internal("plain")), None);

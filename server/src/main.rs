@@ -74,13 +74,14 @@ enum ShardCommand {
         #[arg(long)]
         leader: Option<String>,
     },
-    /// Write a RocksDB checkpoint of a shard into a directory on the node.
+    /// Write a RocksDB checkpoint (a backup) of a shard under the node's <data_dir>/backups.
     Checkpoint {
         #[arg(long, env = "FEEDGRAPH_ADDR", default_value = "127.0.0.1:7878")]
         addr: String,
         #[arg(long)]
         shard: u32,
-        /// A directory on the node that does not exist yet.
+        /// A name (no `/`) of a directory that does not exist yet, made under the
+        /// node's `<data_dir>/backups`.
         #[arg(long)]
         dir: String,
     },

@@ -58,10 +58,15 @@ impl RemoteShard {
                 RefusalKind::NotLeader => Error::NotLeader { shard, leader: r.leader, epoch },
                 RefusalKind::StaleEpoch => Error::StaleEpoch { shard, given: 0, current: epoch },
                 RefusalKind::Behind => Error::Behind { shard },
-                RefusalKind::NotConfirmed => {
-                    Error::NotConfirmed { shard, epoch, sequence: 0, detail: s.message().to_owned() }
+                RefusalKind::NotConfirmed => Error::NotConfirmed {
+                    shard,
+                    epoch,
+                    sequence: r.sequence.unwrap_or(0),
+                    detail: s.message().to_owned(),
+                },
+                RefusalKind::WalGap | RefusalKind::Diverged | RefusalKind::ForeignData => {
+                    Error::Internal(s.message().to_owned())
                 }
-                RefusalKind::WalGap | RefusalKind::Diverged => Error::Internal(s.message().to_owned()),
             };
         }
         let msg = format!("{} (shard {shard} on {})", s.message(), self.address);

@@ -28,7 +28,9 @@ pub fn broker_error(e: ClusterError) -> Error {
         ClusterError::NotConfirmed { shard, epoch, sequence, .. } => {
             Error::NotConfirmed { shard, epoch, sequence, detail: msg }
         }
-        ClusterError::Standalone { .. } | ClusterError::NoData { .. } => Error::FailedPrecondition(msg),
+        ClusterError::Standalone { .. }
+        | ClusterError::NoData { .. }
+        | ClusterError::EpochNotNewer { .. } => Error::FailedPrecondition(msg),
         ClusterError::Store(s) => Error::Store(s),
         ClusterError::NoReplica { .. }
         | ClusterError::Unreadable { .. }
@@ -298,19 +300,27 @@ impl ShardDirectory for ClusterDirectory {
         out
     }
 
+    /// Where writes go: the leader of the newest epoch known, reachable or not — a
+    /// leader of an older epoch would accept writes its successor never sees (an
+    /// unreachable newest leader fails the write instead, and the client retries).
     fn leader(&self, shard: u32) -> Option<(Replica, u64)> {
         let local = self.local(shard);
-        if let Some(l) = &local
-            && let Role::Leader { epoch } = l.0.role()
-        {
-            return Some((Replica::Local(l.clone()), epoch));
-        }
         let known = {
             let view = self.view.read().unwrap_or_else(|e| e.into_inner());
             view.get(shard as usize).and_then(|entries| {
-                entries.iter().filter(|e| e.leader).max_by_key(|e| (e.reachable, e.epoch)).cloned()
+                entries
+                    .iter()
+                    .filter(|e| e.leader && e.address != self.self_address)
+                    .max_by_key(|e| (e.epoch, e.reachable))
+                    .cloned()
             })
         };
+        if let Some(l) = &local
+            && let Role::Leader { epoch } = l.0.role()
+            && known.as_ref().is_none_or(|k| k.epoch <= epoch)
+        {
+            return Some((Replica::Local(l.clone()), epoch));
+        }
         if let Some(e) = known {
             let r = self.remote(&e.address, shard)?;
             return Some((Replica::Remote(r), e.epoch));

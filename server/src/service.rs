@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use feedgraph_graph_store::Error as StoreError;
+use feedgraph_cluster::service::store_status;
 use feedgraph_model as model;
 use feedgraph_proto::pb::v1 as pb;
-use feedgraph_proto::refusal::{RefusalKind, refuse};
+use feedgraph_proto::refusal::{RefusalKind, refuse, with_sequence};
 use feedgraph_proto::{FieldError, MAX_MUTATIONS_PER_WRITE};
 use feedgraph_retrieval::{Broker, Error, FeedKind, FeedPage, Scoring, Source};
 use tonic::{Request, Response, Status};
@@ -33,44 +33,12 @@ pub fn status(e: Error) -> Status {
         }
         Error::Behind { .. } => refuse(Status::failed_precondition(msg), RefusalKind::Behind, None, None),
         Error::Unavailable(why) => Status::unavailable(why),
-        Error::NotConfirmed { epoch, .. } => {
-            refuse(Status::deadline_exceeded(msg), RefusalKind::NotConfirmed, None, Some(epoch))
-        }
+        Error::NotConfirmed { epoch, sequence, .. } => with_sequence(
+            refuse(Status::deadline_exceeded(msg), RefusalKind::NotConfirmed, None, Some(epoch)),
+            sequence,
+        ),
         Error::Internal(why) => Status::internal(why),
         Error::Store(e) => store_status(e),
-    }
-}
-
-fn store_status(e: StoreError) -> Status {
-    match e {
-        StoreError::BoardNotFound(_) => Status::not_found(e.to_string()),
-        StoreError::OwnerMismatch { .. } | StoreError::InvalidWrite(_) => {
-            Status::invalid_argument(e.to_string())
-        }
-        StoreError::WalGap { .. } => {
-            refuse(Status::out_of_range(e.to_string()), RefusalKind::WalGap, None, None)
-        }
-        StoreError::AheadOfLog { .. } | StoreError::Diverged(_) => {
-            refuse(Status::failed_precondition(e.to_string()), RefusalKind::Diverged, None, None)
-        }
-        StoreError::StaleEpoch { current, .. } => {
-            refuse(Status::failed_precondition(e.to_string()), RefusalKind::StaleEpoch, None, Some(current))
-        }
-        StoreError::ReadOnlyReplica => {
-            refuse(Status::failed_precondition(e.to_string()), RefusalKind::NotLeader, None, None)
-        }
-        StoreError::OrdinalsExhausted { .. } => Status::resource_exhausted(e.to_string()),
-        StoreError::NotReplica
-        | StoreError::SequenceMismatch { .. }
-        | StoreError::ReplicatedBatch(_)
-        | StoreError::ShardMismatch { .. }
-        | StoreError::SchemaVersion { .. }
-        | StoreError::Corrupt { .. }
-        | StoreError::Rocks(_)
-        | StoreError::Io { .. } => {
-            tracing::error!(error = %e, "store error");
-            Status::internal(e.to_string())
-        }
     }
 }
 
@@ -163,22 +131,9 @@ impl pb::graph_service_server::GraphService for GraphApi {
                     request.into_inner().pin.ok_or_else(|| Status::invalid_argument("pin: is required"))?;
                 let pin = model::PinRef::try_from(pin).map_err(|e| field_status(e.within("pin")))?;
                 let found = self.broker.pin(pin).await.map_err(status)?;
-                Ok(match found {
-                    Some(r) => pb::GetPinResponse {
-                        found: true,
-                        pin: Some(pb::Pin {
-                            pin_id: r.id.get(),
-                            owner_id: r.owner.get(),
-                            board_id: r.board.get(),
-                            created_at_ms: r.created_at_ms,
-                            topic_ids: r.topics.iter().map(|t| t.get()).collect(),
-                            signals: Some(r.signals.into()),
-                            deleted: r.deleted,
-                            spam: r.spam,
-                            r#unsafe: r.is_unsafe,
-                        }),
-                    },
-                    None => pb::GetPinResponse { found: false, pin: None },
+                Ok(pb::GetPinResponse {
+                    found: found.is_some(),
+                    pin: found.as_ref().map(crate::wire::pin_to_proto),
                 })
             })
             .await

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use feedgraph_cluster::service::store_status;
 use feedgraph_cluster::{Error as ClusterError, Replicas};
 use feedgraph_graph_store::Shard;
 use feedgraph_proto::pb::{internal as ipb, v1 as pb};
@@ -73,10 +74,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(format!("blocking task failed: {e}")))?
-}
-
-fn store_status(e: feedgraph_graph_store::Error) -> Status {
-    crate::service::status(feedgraph_retrieval::Error::Store(e))
 }
 
 #[tonic::async_trait]

@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use feedgraph_cluster::Role;
@@ -63,19 +63,8 @@ impl Cluster {
         let ports = free_ports(ids.len());
         let addresses: BTreeMap<String, String> =
             ids.iter().zip(ports).map(|(id, p)| (id.to_string(), format!("127.0.0.1:{p}"))).collect();
-        let mut text = format!("shards = {shards}\n[nodes]\n");
-        for (id, a) in &addresses {
-            text.push_str(&format!("{id} = \"{a}\"\n"));
-        }
-        for (spec, leader, followers, epoch) in groups {
-            let f: Vec<String> = followers.iter().map(|f| format!("\"{f}\"")).collect();
-            text.push_str(&format!(
-                "[[replicas]]\nshards = \"{spec}\"\nleader = \"{leader}\"\nfollowers = [{}]\nepoch = {epoch}\n",
-                f.join(", ")
-            ));
-        }
         let placement = dir.path().join("placement.toml");
-        std::fs::write(&placement, text).unwrap();
+        write_placement(&placement, shards, &addresses, groups);
         // One cursor key for all, so that a cursor works on every broker.
         let key = [7u8; 32];
         let mut configs = BTreeMap::new();
@@ -110,6 +99,13 @@ impl Cluster {
 
     /// Starts (again) the node `id` on its data directory.
     pub async fn restart(&mut self, id: &str) {
+        if let Err(e) = self.try_restart(id).await {
+            panic!("node {id} did not start: {e}");
+        }
+    }
+
+    /// Starts (again) the node `id`; its start-up error, if it refuses to start.
+    pub async fn try_restart(&mut self, id: &str) -> Result<(), String> {
         assert!(!self.nodes.contains_key(id), "node {id} is running");
         let config = self.configs[id].clone();
         // A port just released by a stopped node can linger briefly.
@@ -120,10 +116,17 @@ impl Cluster {
                 Err(e) if Instant::now() < deadline && e.to_string().contains("binding") => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(e) => panic!("node {id} did not start: {e}"),
+                Err(e) => return Err(format!("{e:#}")),
             }
         };
         self.nodes.insert(id.to_owned(), node);
+        Ok(())
+    }
+
+    /// Rewrites the placement every node reads at its next start (as an operator
+    /// edits the file).
+    pub fn set_placement(&self, groups: &[Group<'_>]) {
+        write_placement(&self.dir.path().join("placement.toml"), self.shards, &self.addresses, groups);
     }
 
     /// Stops node `id` (gracefully: its stores are closed when this returns).
@@ -229,6 +232,21 @@ impl Cluster {
     pub fn data_dir(&self, id: &str) -> PathBuf {
         self.configs[id].data_dir.clone()
     }
+}
+
+fn write_placement(path: &Path, shards: u32, addresses: &BTreeMap<String, String>, groups: &[Group<'_>]) {
+    let mut text = format!("shards = {shards}\n[nodes]\n");
+    for (id, a) in addresses {
+        text.push_str(&format!("{id} = \"{a}\"\n"));
+    }
+    for (spec, leader, followers, epoch) in groups {
+        let f: Vec<String> = followers.iter().map(|f| format!("\"{f}\"")).collect();
+        text.push_str(&format!(
+            "[[replicas]]\nshards = \"{spec}\"\nleader = \"{leader}\"\nfollowers = [{}]\nepoch = {epoch}\n",
+            f.join(", ")
+        ));
+    }
+    std::fs::write(path, text).unwrap();
 }
 
 /// Mutations on the wire, for tests and benchmarks.

@@ -486,3 +486,156 @@ async fn a_deposed_leader_that_restarts_steps_down_to_the_newer_epoch() {
     assert!(found(&c, "a", 1, 1).await);
     c.shutdown().await;
 }
+
+/// A term has one leader: a follower is not promoted at the epoch of the leader it
+/// followed, by RPC or by a placement that forgot to raise the epoch. A leader's
+/// `CreateCheckpoint` writes an exact copy under its backups directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_term_has_one_leader() {
+    let groups: &[Group] = &[("0", "a", &["b"], 1)];
+    let mut c = Cluster::start(&["a", "b"], 1, groups, |_, _| {}).await;
+    write(&c, "a", setup_writes(), pb::Ack::Async).await.unwrap();
+    write(&c, "a", vec![pin(1, 1, 10, NOW, vec![2], 0.5)], pb::Ack::Async).await.unwrap();
+    c.caught_up("a", &["b"], 0, CATCH_UP).await;
+
+    let mut admin = c.admin("a").await;
+    for bad in ["../escape", "/tmp/x", "a/b", "..", ""] {
+        let e = admin
+            .create_checkpoint(ipb::CreateCheckpointRequest { shard: 0, directory: bad.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}: {e:?}");
+    }
+    let r = admin
+        .create_checkpoint(ipb::CreateCheckpointRequest { shard: 0, directory: "snap".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let path = c.data_dir("a").join("backups").join("snap");
+    assert_eq!((r.sequence, r.directory.as_str()), (c.sequence("a", 0), path.to_str().unwrap()));
+    let copy =
+        feedgraph_graph_store::Shard::open_replica(&path, &feedgraph_graph_store::ShardOptions::new(0))
+            .unwrap();
+    assert_eq!(copy.digest().unwrap(), c.digest("a", 0).await);
+    drop(copy);
+
+    let e = c.transition("b", 0, Role::Leader { epoch: 1 }).await.unwrap_err();
+    assert_eq!(refusal(&e).map(|r| (r.kind, r.epoch)), Some((RefusalKind::StaleEpoch, Some(1))), "{e:?}");
+    assert_eq!(
+        c.node("b").replicas().get(0).unwrap().role(),
+        Role::Follower { leader: c.addr("a"), epoch: 1 }
+    );
+
+    c.stop("b").await;
+    c.stop("a").await;
+    c.set_placement(&[("0", "b", &["a"], 1)]);
+    let e = c.try_restart("b").await.unwrap_err();
+    assert!(e.contains("a new leader needs a higher epoch"), "{e}");
+    c.set_placement(&[("0", "b", &["a"], 2)]);
+    c.restart("b").await;
+    c.restart("a").await;
+    write(&c, "b", vec![pin(2, 2, 20, NOW, vec![], 0.5)], pb::Ack::Async).await.unwrap();
+    assert_replicas_equal(&c, "b", &["a"], 1).await;
+    assert!(found(&c, "a", 2, 2).await);
+    c.shutdown().await;
+}
+
+/// A leader whose disk was replaced comes back with an empty shard of another lineage:
+/// its follower keeps its data, goes on serving it and does not follow — never wipes
+/// itself to copy an empty leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_keeps_its_data_when_its_leader_comes_back_empty() {
+    let groups: &[Group] = &[("0", "a", &["b"], 1)];
+    let mut c = Cluster::start(&["a", "b"], 1, groups, |_, _| {}).await;
+    write(&c, "a", setup_writes(), pb::Ack::Async).await.unwrap();
+    write(&c, "a", vec![pin(1, 1, 10, NOW, vec![], 0.5)], pb::Ack::Async).await.unwrap();
+    c.caught_up("a", &["b"], 0, CATCH_UP).await;
+    let before = c.digest("b", 0).await;
+    let follower = c.node("b").replicas().get(0).unwrap();
+    let rebuilds = follower.status().rebuilds;
+
+    c.stop("a").await;
+    for lost in ["shard-000", "replicas"] {
+        std::fs::remove_dir_all(c.data_dir("a").join(lost)).unwrap();
+    }
+    c.restart("a").await;
+    let deadline = Instant::now() + CATCH_UP;
+    while !follower.status().state.contains("another database") {
+        assert!(Instant::now() < deadline, "b did not refuse the empty leader: {:?}", follower.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c.digest("b", 0).await, before);
+    assert!(follower.status().readable);
+    assert_eq!(follower.status().rebuilds, rebuilds);
+    c.shutdown().await;
+}
+
+/// A replica found diverged stays out of reads and leadership across a restart, and is
+/// rebuilt from its leader as soon as it can reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_divergence_survives_a_restart_until_the_rebuild() {
+    let groups: &[Group] = &[("0", "a", &["b"], 1)];
+    let mut c = Cluster::start(&["a", "b"], 1, groups, |_, _| {}).await;
+    write(&c, "a", setup_writes(), pb::Ack::Async).await.unwrap();
+    c.caught_up("a", &["b"], 0, CATCH_UP).await;
+    // As the follower loop records a divergence, with the leader down meanwhile.
+    c.stop("a").await;
+    c.stop("b").await;
+    let marker = c.data_dir("b").join("replicas").join("shard-000.rebuild");
+    std::fs::write(&marker, b"").unwrap();
+    c.restart("b").await;
+    let follower = c.node("b").replicas().get(0).unwrap();
+    assert!(!follower.status().readable);
+    assert!(c.transition("b", 0, Role::Leader { epoch: 2 }).await.is_err());
+    c.restart("a").await;
+    let deadline = Instant::now() + CATCH_UP;
+    while marker.exists() || !follower.status().readable {
+        assert!(Instant::now() < deadline, "b was not rebuilt: {:?}", follower.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(follower.status().rebuilds, 1);
+    assert_replicas_equal(&c, "a", &["b"], 1).await;
+    c.shutdown().await;
+}
+
+/// Every replica keeps the leader's batch boundaries in its WAL: after a failover, a
+/// follower whose position fell between batches the new leader received in one
+/// response is served from the new leader's WAL, not rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_follower_serves_every_other_followers_position() {
+    let groups: &[Group] = &[("0", "a", &["b", "c"], 1)];
+    // No batches kept in memory: positions are served from the WAL alone.
+    let mut c =
+        Cluster::start(&["a", "b", "c"], 1, groups, |_, cfg| cfg.replication.recent_batches_kb = 0).await;
+    write(&c, "a", setup_writes(), pb::Ack::Async).await.unwrap();
+    c.caught_up("a", &["b", "c"], 0, CATCH_UP).await;
+    c.stop("b").await;
+    c.stop("c").await;
+    // Ten writes of one pin each, pins `first..first + 10`.
+    let writes = |first: u64| {
+        (first..first + 10).map(|id| vec![pin(id, 1 + id % OWNERS, (1 + id % OWNERS) * 10, NOW, vec![], 0.5)])
+    };
+    for w in writes(1) {
+        write(&c, "a", w, pb::Ack::Async).await.unwrap();
+    }
+    // c catches up to here, then stops between batches.
+    c.restart("c").await;
+    c.caught_up("a", &["c"], 0, CATCH_UP).await;
+    c.stop("c").await;
+    for w in writes(11) {
+        write(&c, "a", w, pb::Ack::Async).await.unwrap();
+    }
+    // b receives all twenty batches at once.
+    c.restart("b").await;
+    c.caught_up("a", &["b"], 0, CATCH_UP).await;
+    // a fails; b leads at epoch 2; c comes back as its follower.
+    c.stop("a").await;
+    c.set_placement(&[("0", "b", &["a", "c"], 2)]);
+    c.transition("b", 0, Role::Leader { epoch: 2 }).await.unwrap();
+    c.restart("c").await;
+    c.caught_up("b", &["c"], 0, CATCH_UP).await;
+    let status = c.node("c").replicas().get(0).unwrap().status();
+    assert_eq!((status.rebuilds, status.wal_gaps), (0, 0), "{status:?}");
+    assert_replicas_equal(&c, "b", &["c"], 1).await;
+    c.shutdown().await;
+}

@@ -141,18 +141,11 @@ impl Shard {
                     continue;
                 }
                 let ordinal = next;
-                next = next.checked_add(1).ok_or(Error::OrdinalsExhausted { shard: self.id })?;
-                let rec = PinRecord {
-                    id: p.id,
-                    owner: p.owner,
-                    board: p.board,
-                    created_at_ms: p.created_at_ms,
-                    topics: p.topics.clone(),
-                    signals: p.signals,
-                    deleted: false,
-                    spam: false,
-                    is_unsafe: false,
-                };
+                next = next
+                    .checked_add(1)
+                    .filter(|n| *n < u32::MAX)
+                    .ok_or(Error::OrdinalsExhausted { shard: self.id })?;
+                let rec = PinRecord::new_live(p);
                 batch.put_cf(self.cf(Cf::Pins), ordinal_key(ordinal), rec.encode());
                 id_entries.push((p.id.get(), ordinal));
                 user_edges.entry(p.owner.get()).or_default().push(ordinal);

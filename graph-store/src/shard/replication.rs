@@ -195,8 +195,10 @@ impl Shard {
     /// numbers, with the same in-memory effects as the leader's own writes (recovered
     /// from the batches). Only a replica applies; the first batch must start right
     /// after the replica's latest sequence and each the next right after the one before.
-    /// Contiguous batches are committed as one write (their bodies concatenate, as
-    /// RocksDB's own batch append does). Returns the new latest sequence.
+    /// Each batch is its own write, under one hold of the writer lock: every replica's
+    /// WAL keeps the leader's batch boundaries, so a promoted follower can serve any
+    /// other follower's position (a position inside a merged record could only be
+    /// served by a rebuild). Returns the new latest sequence.
     pub fn apply_replicated(&self, batches: &[WalBatch]) -> Result<u64> {
         let mut writer = self.lock_writer();
         if writer.fence != Fence::Replica {
@@ -204,67 +206,64 @@ impl Shard {
         }
         let start = self.latest_sequence() + 1;
         let mut expected = start;
-        let mut body_bytes = 0;
         for batch in batches {
             if batch.sequence != expected {
                 return Err(Error::SequenceMismatch { expected, got: batch.sequence });
             }
-            // The header is read by RocksDB without bounds checks: validate it first.
-            let header = batch
-                .data
-                .first_chunk::<BATCH_HEADER>()
-                .ok_or_else(|| Error::ReplicatedBatch("shorter than a batch header".into()))?;
-            let (seq, count) = header.split_at(8);
-            let (seq, count) = (
-                u64::from_le_bytes(seq.try_into().unwrap_or_default()),
-                u64::from(u32::from_le_bytes(count.try_into().unwrap_or_default())),
-            );
-            if seq != batch.sequence || count != batch.count || count == 0 {
-                return Err(Error::ReplicatedBatch(format!(
-                    "header says sequence {seq}, {count} operations; the leader said {}, {}",
-                    batch.sequence, batch.count
-                )));
-            }
-            expected += count;
-            body_bytes += batch.data.len() - BATCH_HEADER;
+            Self::check_header(batch)?;
+            expected += batch.count;
         }
-        let total = expected - start;
-        if total == 0 {
-            return Ok(start - 1);
-        }
-        let count =
-            u32::try_from(total).map_err(|_| Error::ReplicatedBatch("over 2^32 operations".into()))?;
-        let wb = match batches {
-            [one] => WriteBatch::from_data(&one.data),
-            many => {
-                let mut rep = Vec::with_capacity(BATCH_HEADER + body_bytes);
-                rep.extend_from_slice(&start.to_le_bytes());
-                rep.extend_from_slice(&count.to_le_bytes());
-                for b in many {
-                    rep.extend_from_slice(&b.data[BATCH_HEADER..]);
-                }
-                WriteBatch::from_data(&rep)
+        let mut latest = start - 1;
+        for batch in batches {
+            let wb = WriteBatch::from_data(&batch.data);
+            let effects = Effects::decode(&wb, &self.cf_ids, batch.count)?;
+            latest = self.apply(&mut writer, wb, &effects, Durability::Buffered)?;
+            if latest != batch.sequence + batch.count - 1 {
+                // Sequence numbers no longer match the leader's: this replica must be
+                // rebuilt (never seen; it would take a local write on a replica).
+                return Err(Error::SequenceMismatch {
+                    expected: batch.sequence + batch.count - 1,
+                    got: latest,
+                });
             }
-        };
-        let effects = Effects::decode(&wb, &self.cf_ids)?;
-        let latest = self.apply(&mut writer, wb, &effects, Durability::Buffered)?;
-        if latest != expected - 1 {
-            // Sequence numbers no longer match the leader's: this replica must be
-            // rebuilt (never seen; it would take a local write on a replica).
-            return Err(Error::SequenceMismatch { expected: expected - 1, got: latest });
         }
         Ok(latest)
+    }
+
+    /// RocksDB reads a batch's header without bounds checks: validate it first.
+    fn check_header(batch: &WalBatch) -> Result<()> {
+        let header = batch
+            .data
+            .first_chunk::<BATCH_HEADER>()
+            .ok_or_else(|| Error::ReplicatedBatch("shorter than a batch header".into()))?;
+        let (seq, count) = header.split_at(8);
+        let (seq, count) = (
+            u64::from_le_bytes(seq.try_into().unwrap_or_default()),
+            u64::from(u32::from_le_bytes(count.try_into().unwrap_or_default())),
+        );
+        if seq != batch.sequence || count != batch.count || count == 0 {
+            return Err(Error::ReplicatedBatch(format!(
+                "header says sequence {seq}, {count} operations; the leader said {}, {}",
+                batch.sequence, batch.count
+            )));
+        }
+        Ok(())
     }
 
     /// Makes this shard the writable leader of `epoch`. A newer epoch than any in the
     /// history starts a term: its history entry is the term's first (synced) write, so
     /// followers replicate it. The newest epoch already in the history resumes that
-    /// term (a restarted leader). An older epoch is [`Error::StaleEpoch`].
+    /// term only on a shard opened or fenced as its leader (a restarted leader); on a
+    /// replica, or for an older epoch, it is [`Error::StaleEpoch`].
     pub fn lead(&self, epoch: u64) -> Result<()> {
         let mut writer = self.lock_writer();
         let history = self.epoch_history();
         let current = history.current();
-        if epoch < current {
+        // A term is begun once: the same epoch again is only this leader resuming it
+        // (a reopen); from a replica it would make two leaders of one epoch, whose
+        // histories the prefix check could not tell apart.
+        let resumes = epoch == current && writer.fence == Fence::Leader { epoch };
+        if epoch < current || (epoch == current && !resumes) {
             return Err(Error::StaleEpoch { given: epoch, current });
         }
         if epoch > current {

@@ -456,15 +456,31 @@ fn a_batch_carries_the_effects_its_writer_prepared() {
     for muts in writes {
         let next = s.lock_writer().next_ordinal;
         let prepared = write::prepare(&s, next, &muts).unwrap();
-        let decoded = write::Effects::decode(&prepared.batch, &s.cf_ids).unwrap();
+        let decoded =
+            write::Effects::decode(&prepared.batch, &s.cf_ids, prepared.batch.len() as u64).unwrap();
         assert_eq!(decoded, prepared.effects, "{muts:?}");
         s.write(&muts, Durability::Buffered).unwrap();
     }
     // An epoch start carries the new history.
     s.lead(9).unwrap();
     let batch = s.updates_since(s.latest_sequence() - 1, usize::MAX).unwrap().pop().unwrap();
-    let effects = write::Effects::decode(&rocksdb::WriteBatch::from_data(&batch.data), &s.cf_ids).unwrap();
+    let effects =
+        write::Effects::decode(&rocksdb::WriteBatch::from_data(&batch.data), &s.cf_ids, batch.count).unwrap();
     assert_eq!(effects.epochs.unwrap().current(), 9);
+}
+
+/// A body cut short (its header intact) holds fewer operations than the header says:
+/// refused, not half-applied.
+#[test]
+fn a_truncated_batch_body_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.write(&[board(1, 10), pin(100, 10, 1, 1, &[3])], Durability::Buffered).unwrap();
+    let batch = s.updates_since(0, usize::MAX).unwrap().pop().unwrap();
+    let cut = &batch.data[..batch.data.len() - 3];
+    let err =
+        write::Effects::decode(&rocksdb::WriteBatch::from_data(cut), &s.cf_ids, batch.count).unwrap_err();
+    assert!(matches!(err, Error::ReplicatedBatch(_)), "{err}");
 }
 
 /// The ordinal watermark is published after the rows and bitmaps it covers: a reader

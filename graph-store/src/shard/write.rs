@@ -42,14 +42,16 @@ impl Effects {
     /// Recovers the effects of a batch from its operations. A batch naming a column
     /// family this database does not have, or holding a record that does not decode, is
     /// refused before anything is written.
-    pub(crate) fn decode(batch: &WriteBatch, ids: &CfIds) -> Result<Effects> {
+    pub(crate) fn decode(batch: &WriteBatch, ids: &CfIds, count: u64) -> Result<Effects> {
         struct Decoder<'a> {
             ids: &'a CfIds,
             effects: Effects,
             error: Option<Error>,
+            ops: u64,
         }
         impl Decoder<'_> {
             fn op(&mut self, cf_id: u32, key: &[u8], value: Option<&[u8]>, merge: bool) {
+                self.ops += 1;
                 if self.error.is_some() {
                     return;
                 }
@@ -107,10 +109,17 @@ impl Effects {
                 self.op(cf_id, key, Some(value), true);
             }
         }
-        let mut decoder = Decoder { ids, effects: Effects::default(), error: None };
+        let mut decoder = Decoder { ids, effects: Effects::default(), error: None, ops: 0 };
+        // The iteration stops silently at a malformed record (the binding drops
+        // RocksDB's status): a body that does not hold the header's `count` operations
+        // is refused rather than half-applied.
         batch.iterate_cf(&mut decoder);
         match decoder.error {
             Some(e) => Err(e),
+            None if decoder.ops != count => Err(Error::ReplicatedBatch(format!(
+                "the body holds {} operations, the header {count}",
+                decoder.ops
+            ))),
             None => Ok(decoder.effects),
         }
     }
@@ -426,17 +435,7 @@ impl<'a> BatchBuilder<'a> {
                 for t in &p.topics {
                     self.change(Cf::TopicPins, u32_key(t.get()).to_vec(), Delta::add([ordinal]));
                 }
-                let rec = PinRecord {
-                    id: p.id,
-                    owner: p.owner,
-                    board: p.board,
-                    created_at_ms: p.created_at_ms,
-                    topics: p.topics.clone(),
-                    signals: p.signals,
-                    deleted: false,
-                    spam: false,
-                    is_unsafe: false,
-                };
+                let rec = PinRecord::new_live(p);
                 self.put_record(ordinal, rec);
             }
         }

@@ -114,7 +114,12 @@ impl Broker {
             for replica in self.shards.readers(i as u32) {
                 match replica {
                     Replica::Local(l) if store.is_none() && remotes.is_empty() => {
-                        if let Ok(s) = l.readable(after) {
+                        // A later page needs the ordinals its first page saw: a local
+                        // follower that has not applied them yet gives way to a replica
+                        // that has.
+                        if let Ok(s) = l.readable(after)
+                            && q.ordinal_bound.is_none_or(|b| b <= s.next_ordinal())
+                        {
                             store = Some(s);
                         }
                     }
