@@ -69,7 +69,7 @@ impl Manifest {
 }
 
 /// A file name with no directory part (what a RocksDB checkpoint holds).
-fn plain_name(name: &str) -> bool {
+pub(crate) fn plain_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
 }
 

@@ -196,10 +196,10 @@ async fn round(
                 commit_ms: 0,
             });
         }
-        store.apply_replicated(&shipped)?;
+        let position = store.apply_replicated(&shipped)?;
         // Counted as the batches become visible, not after this task is collected.
         counter.stats.applied(bytes);
-        Ok((last_commit, store.log_position()))
+        Ok((last_commit, position))
     })
     .await;
     match applied {

@@ -296,11 +296,6 @@ impl Replica {
         self.leader.subscribe()
     }
 
-    /// The newest epoch this replica accepted.
-    pub fn promised_epoch(&self) -> u64 {
-        self.role.lock().unwrap_or_else(|e| e.into_inner()).promised
-    }
-
     /// A store error about epochs or fences, as this replica's typed error.
     pub(crate) fn epoch_error(&self, e: Error) -> Error {
         use feedgraph_graph_store::Error as S;
@@ -361,7 +356,7 @@ impl Replica {
     /// The store to read from, when this replica serves reads and has applied what
     /// `after` asks.
     pub fn readable(&self, after: ReadAfter) -> Result<Arc<Shard>> {
-        if self.role() == Role::Offline {
+        if matches!(self.role.lock().unwrap_or_else(|e| e.into_inner()).role, Role::Offline) {
             return Err(Error::Unreadable { shard: self.shard, state: "offline".into() });
         }
         if self.diverged.load(Ordering::Acquire) {

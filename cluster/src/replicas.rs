@@ -123,7 +123,7 @@ impl Replicas {
             let paths = ShardPaths::new(&this.data_dir, shard);
             let state_path = paths.state.clone();
             let remembered = blocking(move || RoleState::load(&state_path)).await?;
-            let remembered_role = remembered.as_ref().map(|s| s.role.clone());
+            let remembered_state = remembered.clone();
             let state = match (placed, remembered) {
                 (None, None) => continue,
                 (None, Some(s)) => s,
@@ -137,7 +137,7 @@ impl Replicas {
                 }
             };
             let (p, opts) = (paths.clone(), (this.options)(shard));
-            let (role, known_before) = (state.role.clone(), remembered_role.is_some());
+            let (role, known_before) = (state.role.clone(), remembered_state.is_some());
             let store = blocking(move || {
                 p.recover()?;
                 Ok(match (p.live.exists(), role) {
@@ -163,14 +163,16 @@ impl Replicas {
             if let (Role::Leader { epoch }, Some(store)) = (&state.role, &store)
                 && *epoch > 0
                 && store.epoch_history().current() == *epoch
-                && remembered_role.as_ref() != Some(&state.role)
+                && remembered_state.as_ref().map(|s| &s.role) != Some(&state.role)
             {
                 return Err(Error::Placement(format!(
                     "shard {shard}: placed as leader at epoch {epoch}, but this replica's data already holds epoch {epoch} of another leader's term; a new leader needs a higher epoch"
                 )));
             }
-            let (s, path) = (state.clone(), paths.state.clone());
-            blocking(move || s.store(&path)).await?;
+            if remembered_state.as_ref() != Some(&state) {
+                let (s, path) = (state.clone(), paths.state.clone());
+                blocking(move || s.store(&path)).await?;
+            }
             this.add(shard, paths, store, state.role, state.promised).await.map_err(|e| match e {
                 Error::StaleEpoch { given, current, .. } => Error::Placement(format!(
                     "shard {shard}: the placement says epoch {given} but the data is already at epoch {current}; raise the epoch"

@@ -212,7 +212,7 @@ impl ipb::replication_service_server::ReplicationService for ReplicationApi {
 }
 
 /// A replica's status on the wire.
-pub fn status_to_proto(s: &ReplicaStatus) -> ipb::ReplicaStatus {
+pub(crate) fn status_to_proto(s: &ReplicaStatus) -> ipb::ReplicaStatus {
     let (role, leader) = match &s.role {
         Role::Offline => (ipb::ReplicaRole::Offline, String::new()),
         Role::Follower { leader, .. } => (ipb::ReplicaRole::Follower, leader.clone()),
@@ -307,11 +307,7 @@ impl ipb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<ipb::CreateCheckpointResponse>, Status> {
         let req = request.into_inner();
         // A name, not a path: a caller writes only under the node's backups directory.
-        let plain = !req.directory.is_empty()
-            && req.directory != "."
-            && req.directory != ".."
-            && !req.directory.contains(['/', '\\', '\0']);
-        if !plain {
+        if !crate::checkpoint::plain_name(&req.directory) {
             return Err(Status::invalid_argument(
                 "directory: a plain name (no `/`), created under the node's <data_dir>/backups",
             ));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use feedgraph_graph_store::{BulkLoad, Shard};
-use feedgraph_loadtest::{GraphSpec, generate};
+use feedgraph_loadtest::{Graph, GraphSpec, generate};
 use feedgraph_model::{FollowTarget, UserId, shard_of};
 
 use crate::Error;
@@ -59,6 +59,25 @@ pub struct DemoInfo {
     pub seconds: f64,
 }
 
+/// A generated graph cut into one bulk load per shard: each user, board, pin and follow
+/// on its owner's shard.
+pub fn split_by_shard(graph: Graph, shards: u32) -> Vec<BulkLoad> {
+    let mut loads: Vec<BulkLoad> = (0..shards).map(|_| BulkLoad::default()).collect();
+    for u in graph.users {
+        loads[shard_of(u.id, shards) as usize].users.push(u);
+    }
+    for b in graph.boards {
+        loads[shard_of(b.owner, shards) as usize].boards.push(b);
+    }
+    for p in graph.pins {
+        loads[shard_of(p.owner, shards) as usize].pins.push(p);
+    }
+    for (follower, target) in graph.follows {
+        loads[shard_of(follower, shards) as usize].follows.push((follower, target));
+    }
+    loads
+}
+
 /// Loads the demo graph into `shards` unless `data_dir` says it is already there.
 /// Reports `(pins done, pins total)` as it goes. Blocking.
 pub fn ensure_loaded(
@@ -78,20 +97,7 @@ pub fn ensure_loaded(
     let showcase_user =
         showcase(&graph.follows).ok_or_else(|| Error::DataDir("the demo graph has no follows".into()))?;
 
-    let n = shards.len() as u32;
-    let mut loads: Vec<BulkLoad> = (0..n).map(|_| BulkLoad::default()).collect();
-    for u in graph.users {
-        loads[shard_of(u.id, n) as usize].users.push(u);
-    }
-    for b in graph.boards {
-        loads[shard_of(b.owner, n) as usize].boards.push(b);
-    }
-    for p in graph.pins {
-        loads[shard_of(p.owner, n) as usize].pins.push(p);
-    }
-    for (follower, target) in graph.follows {
-        loads[shard_of(follower, n) as usize].follows.push((follower, target));
-    }
+    let loads = split_by_shard(graph, shards.len() as u32);
     let total = spec.pins;
     let (mut done, mut pins_loaded, mut edges_written) = (0u64, 0u64, 0u64);
     for (shard, load) in shards.iter().zip(loads) {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use feedgraph_cluster::Role;
-use feedgraph_graph_store::{BulkLoad, Shard};
+use feedgraph_graph_store::Shard;
 use feedgraph_loadtest::GraphSpec;
 use feedgraph_model::{BoardId, Durability, Mutation, Pin, PinId, PinSignals, UserId, shard_of};
 use feedgraph_proto::pb::v1 as pb;
@@ -217,20 +217,7 @@ async fn apply_and_lag(full: bool) {
     let spec =
         if full { GraphSpec::demo(NOW_MS) } else { GraphSpec { pins: 20_000, ..GraphSpec::demo(NOW_MS) } };
     let users = spec.users;
-    let graph = feedgraph_loadtest::generate(&spec);
-    let mut loads: Vec<BulkLoad> = (0..SHARDS).map(|_| BulkLoad::default()).collect();
-    for u in graph.users {
-        loads[shard_of(u.id, SHARDS) as usize].users.push(u);
-    }
-    for b in graph.boards {
-        loads[shard_of(b.owner, SHARDS) as usize].boards.push(b);
-    }
-    for p in graph.pins {
-        loads[shard_of(p.owner, SHARDS) as usize].pins.push(p);
-    }
-    for (f, t) in graph.follows {
-        loads[shard_of(f, SHARDS) as usize].follows.push((f, t));
-    }
+    let loads = feedgraph_server::demo::split_by_shard(feedgraph_loadtest::generate(&spec), SHARDS);
     let l = leader.clone();
     tokio::task::spawn_blocking(move || {
         for (s, load) in l.iter().zip(loads) {
@@ -362,19 +349,8 @@ async fn remote_feed(full: bool) {
     let cluster =
         Cluster::start(&["a", "b", "c"], 16, &[("0-7", "a", &[], 1), ("8-15", "b", &[], 1)], tweak).await;
     let graph = feedgraph_loadtest::generate(&spec);
-    let mut loads: Vec<BulkLoad> = (0..16).map(|_| BulkLoad::default()).collect();
-    for u in graph.users {
-        loads[shard_of(u.id, 16) as usize].users.push(u);
-    }
-    for b in graph.boards.iter().cloned() {
-        loads[shard_of(b.owner, 16) as usize].boards.push(b);
-    }
-    for p in graph.pins {
-        loads[shard_of(p.owner, 16) as usize].pins.push(p);
-    }
-    for (f, t) in graph.follows {
-        loads[shard_of(f, 16) as usize].follows.push((f, t));
-    }
+    let boards = graph.boards.clone();
+    let loads = feedgraph_server::demo::split_by_shard(graph, 16);
     let mut targets = stores(&single, "s", 0..16);
     targets.extend(stores(&cluster, "a", 0..8));
     targets.extend(stores(&cluster, "b", 8..16));
@@ -388,7 +364,7 @@ async fn remote_feed(full: bool) {
     // The viewer of `feed` bench: 200 users spread over the ids, 100 boards.
     let mut follows: Vec<pb::Mutation> =
         (0..200u64).map(|k| muts::follow_user(VIEWER, 100 + k * 49)).collect();
-    for bd in graph.boards.iter().step_by(graph.boards.len() / 100).take(100) {
+    for bd in boards.iter().step_by(boards.len() / 100).take(100) {
         follows.push(muts::m(pb::mutation::Op::Follow(pb::Follow {
             follower_id: VIEWER,
             target: Some(pb::FollowTarget {

@@ -37,10 +37,6 @@ impl EpochHistory {
         self.starts.iter().rev().find(|s| s.start_sequence <= sequence).map_or(0, |s| s.epoch)
     }
 
-    pub fn entries(&self) -> &[EpochStart] {
-        &self.starts
-    }
-
     /// The history with `epoch` starting at `start_sequence`; `None` unless `epoch` is
     /// newer than every epoch here and starts after them.
     pub(crate) fn with(&self, epoch: u64, start_sequence: u64) -> Option<EpochHistory> {

@@ -125,6 +125,8 @@ pub struct Shard {
     commit_listener: RwLock<Option<CommitListener>>,
     /// The newest committed batches, for followers (see `replication`).
     recent: Mutex<replication::RecentBatches>,
+    /// The byte cap of `recent` (fixed: read on every commit without its lock).
+    recent_cap: usize,
 }
 
 impl std::fmt::Debug for Shard {
@@ -201,6 +203,7 @@ impl Shard {
             history: RwLock::new(Arc::new(EpochHistory::default())),
             commit_listener: RwLock::new(None),
             recent: Mutex::new(replication::RecentBatches::new(opts.recent_batches_bytes)),
+            recent_cap: opts.recent_batches_bytes,
         };
         shard.check_meta(opts.shard_id, leader)?;
         shard.rebuild_attributes()?;

@@ -167,13 +167,16 @@ impl Shard {
     /// do not reach back to `since + 1` (then the WAL must be read, on a blocking
     /// pool). Never touches the disk.
     pub fn recent_updates_since(&self, since: u64, max_bytes: usize) -> Option<Vec<WalBatch>> {
+        if since == self.latest_sequence() {
+            // Caught up: nothing to read (the idle end of a long poll).
+            return Some(Vec::new());
+        }
         self.recent.lock().unwrap_or_else(|e| e.into_inner()).since(since, max_bytes)
     }
 
     /// Whether a batch of `bytes` is kept in memory after its commit.
     pub(crate) fn recent_wants(&self, bytes: usize) -> bool {
-        let cap = self.recent.lock().unwrap_or_else(|e| e.into_inner()).cap;
-        cap > 0 && bytes <= cap / 2
+        self.recent_cap > 0 && bytes <= self.recent_cap / 2
     }
 
     /// Keeps the batch of `count` operations just committed (`None`: too large to keep,
@@ -198,8 +201,8 @@ impl Shard {
     /// Each batch is its own write, under one hold of the writer lock: every replica's
     /// WAL keeps the leader's batch boundaries, so a promoted follower can serve any
     /// other follower's position (a position inside a merged record could only be
-    /// served by a rebuild). Returns the new latest sequence.
-    pub fn apply_replicated(&self, batches: &[WalBatch]) -> Result<u64> {
+    /// served by a rebuild). Returns the new log position (read under the same lock).
+    pub fn apply_replicated(&self, batches: &[WalBatch]) -> Result<LogPosition> {
         let mut writer = self.lock_writer();
         if writer.fence != Fence::Replica {
             return Err(Error::NotReplica);
@@ -213,11 +216,10 @@ impl Shard {
             Self::check_header(batch)?;
             expected += batch.count;
         }
-        let mut latest = start - 1;
         for batch in batches {
             let wb = WriteBatch::from_data(&batch.data);
             let effects = Effects::decode(&wb, &self.cf_ids, batch.count)?;
-            latest = self.apply(&mut writer, wb, &effects, Durability::Buffered)?;
+            let latest = self.apply(&mut writer, wb, &effects, Durability::Buffered)?;
             if latest != batch.sequence + batch.count - 1 {
                 // Sequence numbers no longer match the leader's: this replica must be
                 // rebuilt (never seen; it would take a local write on a replica).
@@ -227,7 +229,7 @@ impl Shard {
                 });
             }
         }
-        Ok(latest)
+        Ok(self.position(&self.epoch_history()))
     }
 
     /// RocksDB reads a batch's header without bounds checks: validate it first.
@@ -296,21 +298,21 @@ impl Shard {
         self.history.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The random id this database (and every replica made from it) carries.
-    pub fn lineage(&self) -> u64 {
-        self.lineage
-    }
-
     /// Where this shard's log stands. Taken under the writer lock, so that the latest
     /// sequence and the history that says who wrote it are one state.
     pub fn log_position(&self) -> LogPosition {
         let _writer = self.lock_writer();
+        self.position(&self.epoch_history())
+    }
+
+    /// The latest sequence with what identifies its log; the caller keeps it stable.
+    fn position(&self, history: &EpochHistory) -> LogPosition {
         let sequence = self.latest_sequence();
         LogPosition {
             lineage: self.lineage,
             layout: self.cf_ids.layout(),
             sequence,
-            epoch: self.epoch_history().epoch_at(sequence),
+            epoch: history.epoch_at(sequence),
         }
     }
 
@@ -320,14 +322,7 @@ impl Shard {
     /// it starts an epoch, before it serves any follower of it.
     pub fn check_follower(&self, follower: &LogPosition) -> Result<()> {
         let history = self.epoch_history();
-        let sequence = self.latest_sequence();
-        let leader = LogPosition {
-            lineage: self.lineage,
-            layout: self.cf_ids.layout(),
-            sequence,
-            epoch: history.epoch_at(sequence),
-        };
-        epochs::check_prefix(&leader, &history, follower).map_err(Error::Diverged)
+        epochs::check_prefix(&self.position(&history), &history, follower).map_err(Error::Diverged)
     }
 
     /// Writes a consistent checkpoint (hard links where possible) into `dir`, which
