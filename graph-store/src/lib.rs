@@ -31,7 +31,7 @@ mod error;
 mod record;
 mod shard;
 
-pub use attrs::{HotAttrs, PinAttributes, PinAttrs};
+pub use attrs::{BLOCK_ORDINALS, BLOCK_SHIFT, BlockBounds, HotAttrs, PinAttributes, PinAttrs};
 pub use error::{Error, Result};
 pub use record::{FilterKind, PinRecord};
 pub use shard::{

@@ -62,9 +62,18 @@ pub struct Outcome {
 const LOWEST_US: u64 = 1;
 const HIGHEST_US: u64 = 60_000_000;
 
+/// gRPC codes of a request the service shed (overload), as [`Outcome::error`] names them.
+pub const SHED_CODES: [&str; 2] = ["ResourceExhausted", "Unavailable"];
+
 #[derive(Debug)]
 struct Stats {
     latency_us: Histogram<u64>,
+    /// Latency of successful requests only (shed ones are fast and would flatter the
+    /// percentiles of the rest).
+    ok_latency_us: Histogram<u64>,
+    /// Latency of shed requests: how fast overload is answered.
+    shed_latency_us: Histogram<u64>,
+    shed: u64,
     sent: u64,
     missed: u64,
     ok: u64,
@@ -81,6 +90,11 @@ impl Stats {
     fn new() -> Self {
         Self {
             latency_us: Histogram::new_with_bounds(LOWEST_US, HIGHEST_US, 3).expect("valid histogram bounds"),
+            ok_latency_us: Histogram::new_with_bounds(LOWEST_US, HIGHEST_US, 3)
+                .expect("valid histogram bounds"),
+            shed_latency_us: Histogram::new_with_bounds(LOWEST_US, HIGHEST_US, 3)
+                .expect("valid histogram bounds"),
+            shed: 0,
             sent: 0,
             missed: 0,
             ok: 0,
@@ -94,10 +108,17 @@ impl Stats {
 
     fn record(&mut self, outcome: &Outcome, latency: Duration) {
         self.sent += 1;
-        self.latency_us.saturating_record(latency.as_micros().clamp(1, u128::from(HIGHEST_US)) as u64);
+        let us = latency.as_micros().clamp(1, u128::from(HIGHEST_US)) as u64;
+        self.latency_us.saturating_record(us);
         match &outcome.error {
+            Some(code) if SHED_CODES.contains(&code.as_str()) => {
+                self.shed += 1;
+                self.shed_latency_us.saturating_record(us);
+                *self.errors.entry(code.clone()).or_default() += 1;
+            }
             None => {
                 self.ok += 1;
+                self.ok_latency_us.saturating_record(us);
                 self.units += outcome.units;
                 if outcome.scanned > 0 {
                     self.scanned.saturating_record(outcome.scanned);
@@ -145,8 +166,25 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     pub partial: u64,
     pub fallback: u64,
-    /// Successful requests per second.
+    /// Requests the service shed (RESOURCE_EXHAUSTED or UNAVAILABLE).
+    pub shed: u64,
+    /// Requests answered per second, successfully or not (client-side timeouts and
+    /// missed requests are not answers).
     pub throughput: f64,
+    /// Successful requests per second.
+    pub goodput: f64,
+    /// Latency of the successful requests, ms.
+    pub ok_latency_ms: Percentiles,
+    /// Latency of the shed requests, ms.
+    pub shed_latency_ms: Percentiles,
+    /// Service CPU per request sent (warm-up included), µs, when the service's metrics
+    /// were read before and after the run.
+    pub service_cpu_us_per_request: Option<f64>,
+    /// Feed requests the service counted during the run (warm-up included), from its
+    /// metrics; compare with `issued`.
+    pub service_requests: Option<u64>,
+    /// Requests sent during the whole run, warm-up included.
+    pub issued: u64,
     /// Units (edges, for ingest) per second.
     pub units_per_s: f64,
     /// Latency of every due request (sent and missed), ms.
@@ -162,6 +200,17 @@ impl Report {
     fn from_stats(s: &Stats, duration: Duration) -> Self {
         let ms = |q: f64| s.latency_us.value_at_quantile(q) as f64 / 1000.0;
         let secs = duration.as_secs_f64().max(1e-9);
+        let percentiles = |h: &Histogram<u64>| {
+            let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+            Percentiles {
+                p50: ms(0.5),
+                p90: ms(0.9),
+                p99: ms(0.99),
+                p999: ms(0.999),
+                max: h.max() as f64 / 1000.0,
+            }
+        };
+        let timed_out = s.errors.get("DeadlineExceeded").copied().unwrap_or(0);
         Report {
             duration_s: duration.as_secs_f64(),
             sent: s.sent,
@@ -170,7 +219,11 @@ impl Report {
             errors: s.errors.clone(),
             partial: s.partial,
             fallback: s.fallback,
-            throughput: s.ok as f64 / secs,
+            shed: s.shed,
+            throughput: s.sent.saturating_sub(timed_out) as f64 / secs,
+            goodput: s.ok as f64 / secs,
+            ok_latency_ms: percentiles(&s.ok_latency_us),
+            shed_latency_ms: percentiles(&s.shed_latency_us),
             units_per_s: s.units as f64 / secs,
             latency_ms: Percentiles {
                 p50: ms(0.5),
@@ -195,7 +248,7 @@ impl Report {
             format!("closed loop, {} workers", self.concurrency)
         };
         let mut out = format!(
-            "{}{} — {load}, {:.1} s\n  sent {}  missed {}  ok {}  throughput {:.1}/s{}\n  latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
+            "{}{} — {load}, {:.1} s\n  sent {}  missed {}  ok {}  throughput {:.1}/s  goodput {:.1}/s{}\n  latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
             self.scenario,
             if self.fanout > 0 { format!(" (fanout {})", self.fanout) } else { String::new() },
             self.duration_s,
@@ -203,6 +256,7 @@ impl Report {
             self.missed,
             self.ok,
             self.throughput,
+            self.goodput,
             if self.units_per_s > 0.0 {
                 format!("  ({:.0} edges/s)", self.units_per_s)
             } else {
@@ -218,6 +272,19 @@ impl Report {
             out += &format!(
                 "  candidates scanned per feed: median {}  mean {:.0}\n",
                 self.scanned_p50, self.scanned_mean
+            );
+        }
+        if self.shed > 0 {
+            let (o, sh) = (&self.ok_latency_ms, &self.shed_latency_ms);
+            out += &format!(
+                "  successful ms: p50 {:.2}  p99 {:.2}; shed {} ms: p50 {:.2}  p99 {:.2}  max {:.2}\n",
+                o.p50, o.p99, self.shed, sh.p50, sh.p99, sh.max
+            );
+        }
+        if let (Some(cpu), Some(n)) = (self.service_cpu_us_per_request, self.service_requests) {
+            out += &format!(
+                "  service CPU per request: {cpu:.0} µs  (the service counted {n} feed requests; {} were sent)\n",
+                self.issued
             );
         }
         out += &format!("  partial {}  model fallback {}", self.partial, self.fallback);
@@ -242,6 +309,7 @@ where
     let measure_from = started + spec.warmup;
     let end = measure_from + spec.duration;
     let done = Arc::new(AtomicU64::new(0));
+    let issued = Arc::new(AtomicU64::new(0));
     let progress = spec.progress.then(|| spawn_progress(done.clone(), stats.clone(), started, spec));
     let timeout = spec.timeout;
     let record = {
@@ -257,7 +325,9 @@ where
     };
     let timed = {
         let call = call.clone();
+        let issued = issued.clone();
         move |i: u64| {
+            issued.fetch_add(1, Ordering::Relaxed);
             let fut = call(i);
             async move {
                 match tokio::time::timeout(timeout, fut).await {
@@ -325,6 +395,7 @@ where
     // A limited run can end before its duration: rates are over the measured window.
     let measured = Instant::now().saturating_duration_since(measure_from).min(spec.duration);
     let mut report = Report::from_stats(&lock(&stats), measured);
+    report.issued = issued.load(Ordering::Relaxed);
     match spec.model {
         LoadModel::Open { rate, .. } => report.rate = rate,
         LoadModel::Closed { concurrency } => report.concurrency = concurrency,

@@ -2,7 +2,8 @@
 //!
 //! - users own boards: each board's owner is drawn with a heavy tail (a few users own
 //!   many boards);
-//! - pins land on boards with a heavy tail, created uniformly over `days` before `now`,
+//! - pins land on boards with a heavy tail, created uniformly over `days` before `now`
+//!   in pin-id order (oldest first),
 //!   with 1–3 of `topics` topics (popular topics more likely) and heavy-tailed counters;
 //! - each user follows a log-normal number of accounts (median `median_follows`, capped
 //!   at `max_follows`): 70% users, 30% boards, chosen by Zipf-like popularity, so the
@@ -120,7 +121,13 @@ pub fn generate(spec: &GraphSpec) -> Graph {
                 },
             }
         })
-        .collect();
+        .collect::<Vec<Pin>>();
+    // Pins are created in id order, as a service assigns them: the same creation times,
+    // oldest first (what a newest-first scan of ordinals relies on).
+    let mut times: Vec<i64> = pins.iter().map(|p| p.created_at_ms).collect();
+    times.sort_unstable();
+    let pins: Vec<Pin> =
+        pins.into_iter().zip(times).map(|(p, created_at_ms)| Pin { created_at_ms, ..p }).collect();
     let mut follows = Vec::new();
     for u in 1..=spec.users {
         let follower = id(u, UserId::new);

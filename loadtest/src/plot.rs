@@ -25,6 +25,19 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// Charts rendered by [`line_chart`], one above the other, in one SVG.
+pub fn stack(charts: &[String]) -> String {
+    let height = H * charts.len() as f64;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" viewBox="0 0 {W} {height}">"#
+    );
+    for (i, chart) in charts.iter().enumerate() {
+        svg += &chart.replacen("<svg ", &format!(r#"<svg y="{}" "#, H * i as f64), 1);
+    }
+    svg += "</svg>\n";
+    svg
+}
+
 /// Renders the chart. `xs` must be positive when the axis is logarithmic.
 pub fn line_chart(title: &str, x_label: &str, y_label: &str, xs: &[f64], series: &[Series]) -> String {
     let (x_min, x_max) = xs.iter().fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));

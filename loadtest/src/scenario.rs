@@ -83,12 +83,67 @@ fn code_name(s: &tonic::Status) -> String {
     format!("{:?}", s.code())
 }
 
-/// One feed page for `user`, with their synthetic `user.*` context.
-pub async fn read_feed(mut client: Client, user: u64, home: bool, page_size: u32) -> Outcome {
+/// The service's own counters, from its Prometheus endpoint: CPU seconds of the process
+/// and feed requests answered (any status).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ServiceCounters {
+    pub cpu_seconds: f64,
+    pub feed_requests: u64,
+}
+
+impl ServiceCounters {
+    /// Reads `http://addr/metrics`; `None` when it cannot be read or lacks the CPU counter.
+    pub async fn scrape(addr: &str) -> Option<Self> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let read = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: feedgraph\r\n\r\n").await.ok()?;
+            let mut body = String::new();
+            stream.read_to_string(&mut body).await.ok()?;
+            Some(body)
+        };
+        let body = tokio::time::timeout(Duration::from_secs(3), read).await.ok()??;
+        Self::parse(&body)
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut out = ServiceCounters::default();
+        let mut cpu = None;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, value)) = line.rsplit_once(' ') else { continue };
+            let Ok(v) = value.parse::<f64>() else { continue };
+            if name == "feedgraph_process_cpu_seconds_total" {
+                cpu = Some(v);
+            } else if name.starts_with("feedgraph_grpc_requests_total{")
+                && (name.contains("method=\"GetFollowingFeed\"") || name.contains("method=\"GetHomeFeed\""))
+            {
+                out.feed_requests += v as u64;
+            }
+        }
+        out.cpu_seconds = cpu?;
+        Some(out)
+    }
+}
+
+/// One feed page for `user`, with their synthetic `user.*` context, ranked by `ranking`
+/// (the service's default when `None`).
+pub async fn read_feed(
+    mut client: Client,
+    user: u64,
+    home: bool,
+    page_size: u32,
+    ranking: Option<String>,
+) -> Outcome {
     let features = UserId::new(user)
         .map(|u| user_context(u, 42).into_iter().map(|(k, v)| (k.to_string(), v as f32)).collect())
         .unwrap_or_default();
-    let request = pb::FeedRequest { user_id: user, page_size, features, ..Default::default() };
+    let request = pb::FeedRequest {
+        user_id: user,
+        page_size,
+        features,
+        ranking: ranking.unwrap_or_default(),
+        ..Default::default()
+    };
     let response = if home {
         client.feed.get_home_feed(request).await
     } else {
@@ -279,6 +334,19 @@ mod tests {
             result = reader.next_request();
         }
         assert!(result.is_err());
+    }
+
+    #[test]
+    fn service_counters_are_read_from_the_exposition() {
+        let text = "# HELP x\nfeedgraph_process_cpu_seconds_total 12.5\n\
+            feedgraph_grpc_requests_total{code=\"OK\",method=\"GetFollowingFeed\"} 10\n\
+            feedgraph_grpc_requests_total{code=\"ResourceExhausted\",method=\"GetHomeFeed\"} 3\n\
+            feedgraph_grpc_requests_total{code=\"OK\",method=\"Write\"} 99\n";
+        assert_eq!(
+            ServiceCounters::parse(text),
+            Some(ServiceCounters { cpu_seconds: 12.5, feed_requests: 13 })
+        );
+        assert_eq!(ServiceCounters::parse("feedgraph_grpc_requests_total{} 1\n"), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group, criterion_main};
 use feedgraph_graph_store::{BulkLoad, Shard, ShardOptions};
 use feedgraph_loadtest::{GraphSpec, generate};
 use feedgraph_model::{BoardId, Durability, Mutation, PinFlag, PinRef, TopicId, UserId};
@@ -75,20 +75,30 @@ fn bench_query(c: &mut Criterion) {
         request_values: vec![],
         now_ms: NOW_MS,
         ordinal_bound: None,
+        full_scan: false,
     };
     let home =
         CandidateQuery { topics: (1..=5).map(|t| TopicId::new(t).unwrap()).collect(), ..following.clone() };
-    let answer = query::run(&shard, &following).unwrap();
+    let run = |q: &CandidateQuery| query::run(&shard, q, &query::ScanControl::unbounded()).unwrap();
+    let full = CandidateQuery { full_scan: true, ..following.clone() };
+    let home_full = CandidateQuery { full_scan: true, ..home.clone() };
+    let answer = run(&following);
     assert_eq!(answer.following.len(), 500);
+    // Skipping blocks changes the work, never the answer.
+    assert_eq!(answer.following, run(&full).following);
+    assert_eq!(run(&home).interest, run(&home_full).interest);
 
     let mut group = c.benchmark_group("query_top500");
-    group.throughput(Throughput::Elements(answer.scanned));
-    group.bench_function("following", |b| b.iter(|| black_box(query::run(&shard, &following).unwrap())));
-    let home_scanned = query::run(&shard, &home).unwrap().scanned;
-    group.throughput(Throughput::Elements(home_scanned));
-    group.bench_function("home", |b| b.iter(|| black_box(query::run(&shard, &home).unwrap())));
+    for (name, q) in [
+        ("following", &following),
+        ("following_full_scan", &full),
+        ("home", &home),
+        ("home_full_scan", &home_full),
+    ] {
+        group.bench_function(name, |b| b.iter(|| black_box(run(q))));
+        println!("{name}: {} candidates scored", run(q).scanned);
+    }
     group.finish();
-    println!("following scans {} candidates, home {}", answer.scanned, home_scanned);
 }
 
 criterion_group!(benches, bench_query);

@@ -27,10 +27,11 @@ pub mod rank;
 pub mod shards;
 
 pub use broker::{
-    Broker, BrokerConfig, FallbackReason, FeedPage, FeedStats, ModelRanking, Scoring, WriteResult,
+    AdmissionConfig, AdmissionStats, Broker, BrokerConfig, FallbackReason, FeedPage, FeedStats, ModelRanking,
+    Scoring, WriteResult,
 };
 pub use cursor::FeedKind;
-pub use query::{Candidate, Source};
+pub use query::{Candidate, ScanControl, Source};
 pub use shards::{LocalReplica, LocalShards, ReadAfter, RemoteReplica, Replica, ShardDirectory, ShardWrite};
 
 /// Everything the broker can fail with.
@@ -64,6 +65,17 @@ pub enum Error {
     /// A shard operation failed.
     #[error(transparent)]
     Store(#[from] feedgraph_graph_store::Error),
+    /// Too many rankings in progress and queued: shed at once rather than queued behind
+    /// work that cannot finish in time. Retry after `retry_after`.
+    #[error(
+        "overloaded: {in_progress} rankings in progress and {queued} queued; retry after {} ms",
+        retry_after.as_millis()
+    )]
+    Overloaded { in_progress: usize, queued: usize, retry_after: std::time::Duration },
+    /// The request was cancelled (its client went away) or passed its deadline; its
+    /// work stopped.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     /// A task died; a bug, not the request's fault.
     #[error("internal: {0}")]
     Internal(String),

@@ -1,15 +1,21 @@
 //! The shard-local candidate query: OR of the followed users' / boards' / topics'
 //! bitmaps → AND-NOT the filter bitmaps and the viewer's seen pins → newest-first scan
-//! with a work bound → drop blocked owners and the viewer's own pins → light score →
-//! top-K per candidate group.
+//! with a work bound, skipping blocks whose score bound cannot make the top-K → drop
+//! blocked owners and the viewer's own pins → light score → top-K per candidate group.
+//!
+//! Invariant: the answer is exactly the full scan's (every candidate among the newest
+//! `scan_limit` scored, the best `top_k` kept), minus candidates that provably cannot
+//! make the request's merged list ([`ScanControl`]).
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::time::Instant;
 
-use feedgraph_graph_store::{HotAttrs, Shard};
+use feedgraph_graph_store::{BLOCK_ORDINALS, BlockBounds, HotAttrs, Shard};
 use feedgraph_model::{BoardId, PinId, PinSignals, TopicId, UserId};
-use feedgraph_scoring::Expr;
+use feedgraph_scoring::{BoundScratch, Expr, Interval};
 use roaring::{MultiOps, RoaringBitmap};
 
 use crate::{Error, Result};
@@ -50,6 +56,9 @@ pub struct CandidateQuery {
     pub request_values: Vec<f64>,
     /// "Now" for ages; fixed per ranking so that pages score identically.
     pub now_ms: i64,
+    /// Examine every candidate up to `scan_limit` rather than skip blocks that cannot
+    /// make the top-K: the same answer, slower (for comparisons and measurements).
+    pub full_scan: bool,
     /// Only ordinals below this (pins created after a ranking's first page are left
     /// out of its later pages); `None`: below the shard's published watermark.
     pub ordinal_bound: Option<u32>,
@@ -83,10 +92,97 @@ pub struct ShardAnswer {
     pub watermark: u32,
 }
 
+/// What a running scan checks and what the shards of one request share: cancellation
+/// (the request's client went away, or its deadline passed — the scan stops using CPU)
+/// and, per candidate group, a score *floor*.
+///
+/// The floor is the `top_k`-th best score some shard of the request has found. When
+/// every shard keeps at least as many candidates as the merged list (`share_floors`),
+/// a candidate scoring below the floor is beaten by `top_k` others and cannot make the
+/// merged list, so every shard may drop it, and skip blocks bounded below it. Exact.
+#[derive(Debug)]
+pub struct ScanControl {
+    cancelled: AtomicBool,
+    deadline: Option<Instant>,
+    /// Following, interest: the floor's ordered bits ([`ordered`]); 0: none yet.
+    floors: [AtomicU64; 2],
+    share_floors: bool,
+}
+
+impl ScanControl {
+    pub fn new(deadline: Option<Instant>, share_floors: bool) -> Self {
+        Self { cancelled: AtomicBool::new(false), deadline, floors: Default::default(), share_floors }
+    }
+
+    /// No deadline, no shared floors: one shard's query on its own.
+    pub fn unbounded() -> Self {
+        Self::new(None, false)
+    }
+
+    /// Stops every scan of the request at its next block.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, AtomicOrdering::Relaxed);
+    }
+
+    /// Cancelled, or past the deadline.
+    pub fn is_stopped(&self) -> bool {
+        self.cancelled.load(AtomicOrdering::Relaxed) || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    fn floor(&self, group: usize) -> f64 {
+        if !self.share_floors {
+            return f64::NEG_INFINITY;
+        }
+        from_ordered(self.floors[group].load(AtomicOrdering::Relaxed))
+    }
+
+    fn raise_floor(&self, group: usize, score: f64) {
+        if self.share_floors {
+            self.floors[group].fetch_max(ordered(score), AtomicOrdering::Relaxed);
+        }
+    }
+}
+
+/// Cancels its [`ScanControl`] when dropped: held by whatever waits for the scans (a
+/// request handler), so that scans stop when it is dropped (the client went away, or
+/// its deadline passed) or done with them.
+#[derive(Debug)]
+pub struct CancelOnDrop(pub Arc<ScanControl>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// A score's bits, ordered like the score (scores are never NaN); never 0.
+fn ordered(score: f64) -> u64 {
+    let bits = score.to_bits();
+    if bits >> 63 == 1 { !bits } else { bits | (1 << 63) }
+}
+
+fn from_ordered(key: u64) -> f64 {
+    match key {
+        0 => f64::NEG_INFINITY,
+        k if k >> 63 == 1 => f64::from_bits(k & !(1 << 63)),
+        k => f64::from_bits(!k),
+    }
+}
+
+const FOLLOWING: usize = 0;
+const INTEREST: usize = 1;
+
 /// Runs the query on one shard. Blocks on RocksDB (cached bitmaps aside): call it on a
 /// blocking pool. A replica whose watermark is below the query's bound has not applied
-/// what the ranking's snapshot holds: [`Error::Behind`].
-pub fn run(shard: &Shard, q: &CandidateQuery) -> Result<ShardAnswer> {
+/// what the ranking's snapshot holds: [`Error::Behind`]. A stopped `control` ends the
+/// scan at its next block with [`Error::Cancelled`].
+///
+/// The scan walks candidates newest first, one block of ordinals
+/// ([`feedgraph_graph_store::BLOCK_ORDINALS`]) at a time. Unless `full_scan`, a block
+/// whose score bound ([`Expr::upper_bound`] over the block's attribute ranges) is below
+/// what the top-K already holds is skipped whole — its candidates still count against
+/// `scan_limit`, so the answer is exactly the full scan's.
+pub fn run(shard: &Shard, q: &CandidateQuery, control: &ScanControl) -> Result<ShardAnswer> {
     // The watermark first: every ordinal below it has its row and bitmap entries in
     // place (the store publishes it last), so the scan never meets a half-visible pin.
     let published = shard.next_ordinal();
@@ -118,73 +214,150 @@ pub fn run(shard: &Shard, q: &CandidateQuery) -> Result<ShardAnswer> {
     let attrs = shard.attributes();
     let rows = attrs.hot();
     let now_s = q.now_ms as f64 / 1000.0;
+    let age_hours_at = |created_at_s: u32| ((now_s - f64::from(created_at_s)) / 3600.0).max(0.0);
     // Without interest sets every candidate is a following candidate: skip the lookups.
     let has_interest = !(topic_set.is_empty() && engaged_set.is_empty());
-    let mut following = TopK::new(q.top_k);
-    let mut interest = TopK::new(q.top_k);
+    let mut heaps = [TopK::new(q.top_k), TopK::new(q.top_k)];
     let mut stack = Vec::with_capacity(16);
+    let mut bound_scratch = BoundScratch::default();
+    // The best score any candidate within `b`'s ranges can reach.
+    let mut bound_of = |b: &BlockBounds| -> f64 {
+        let iv = |lo: f64, hi: f64| Interval::new(lo, hi);
+        let (age_lo, age_hi) = (age_hours_at(b.created_at_s.1), age_hours_at(b.created_at_s.0));
+        match [
+            iv(f64::from(b.quality.0), f64::from(b.quality.1)),
+            iv(f64::from(b.saves.0), f64::from(b.saves.1)),
+            iv(f64::from(b.clicks.0), f64::from(b.clicks.1)),
+            iv(f64::from(b.closeups.0), f64::from(b.closeups.1)),
+            iv(age_lo, age_hi),
+            iv(age_lo / 24.0, age_hi / 24.0),
+        ] {
+            [Some(a), Some(b), Some(c), Some(d), Some(e), Some(f)] => {
+                q.expr.upper_bound(&[a, b, c, d, e, f], &q.request_values, &mut bound_scratch)
+            }
+            _ => f64::INFINITY,
+        }
+    };
     let mut scanned = 0u64;
+    // The full scan examines the newest `scan_limit` candidates: those at or above
+    // `oldest`. Skipping blocks must not move that line.
+    let total = candidates.len();
+    let oldest = match total.checked_sub(q.scan_limit as u64) {
+        Some(0) | None => 0,
+        Some(below) => candidates.select(below as u32).unwrap_or(0),
+    };
     // Rows are loaded a batch at a time in a loop of independent loads, so the CPU
     // keeps many cache misses in flight instead of one per candidate (the scan is
     // memory-latency bound: measured 93% of its time on the row load).
     const BATCH: usize = 32;
     let hidden = HotAttrs { flags: 1, ..HotAttrs::default() };
-    let mut ordinals = candidates.iter().rev().take(q.scan_limit);
     let mut batch = [0u32; BATCH];
     let mut loaded = [hidden; BATCH];
-    loop {
-        let mut n = 0;
-        for (slot, ordinal) in batch.iter_mut().zip(ordinals.by_ref()) {
-            *slot = ordinal;
-            n += 1;
+    let mut ordinals = candidates.iter();
+    let mut next = ordinals.next_back().filter(|o| *o >= oldest && q.scan_limit > 0);
+    while let Some(first) = next {
+        if control.is_stopped() {
+            return Err(Error::Cancelled(format!("shard {}: the request was cancelled", shard.id())));
         }
-        if n == 0 {
-            break;
-        }
-        scanned += n as u64;
-        for (row, ordinal) in loaded.iter_mut().zip(&batch[..n]) {
-            // Ordinals beyond the rows were committed an instant ago: skipped.
-            *row = rows.get(*ordinal as usize).copied().unwrap_or(hidden);
-        }
-        for (r, &ordinal) in loaded.iter().zip(&batch[..n]) {
-            // Flags are also filter bitmaps; this guards the instant before the
-            // bitmap cache is invalidated.
-            if r.is_hidden() {
-                continue;
-            }
-            // Blocked owners, and the viewer's own pins, are not the viewer's feed.
-            if r.owner == viewer || (!blocked.is_empty() && blocked.contains(&r.owner)) {
-                continue;
-            }
-            let age_hours = ((now_s - f64::from(r.created_at_s)) / 3600.0).max(0.0);
-            let vars = [
-                f64::from(r.quality),
-                f64::from(r.saves),
-                f64::from(r.clicks),
-                f64::from(r.closeups),
-                age_hours,
-                age_hours / 24.0,
-            ];
-            let score = q.expr.eval(&vars, &q.request_values, &mut stack);
-            let is_following = !has_interest || user_set.contains(ordinal) || board_set.contains(ordinal);
-            let heap = if is_following { &mut following } else { &mut interest };
-            // The source is worked out only for candidates that make the top-K.
-            heap.offer(score, ordinal, || {
-                if user_set.contains(ordinal) {
-                    Source::FollowedUser
-                } else if board_set.contains(ordinal) {
-                    Source::FollowedBoard
-                } else if topic_set.contains(ordinal) {
-                    Source::FollowedTopic
-                } else {
-                    Source::EngagedTopic
+        let block_start = first & !(BLOCK_ORDINALS - 1);
+        // What a candidate must beat to be kept, per group: the shard's own K-th best
+        // once it holds K, or the request's shared floor.
+        let floors = [0, 1].map(|g| heaps[g].floor().max(control.floor(g)));
+        if !q.full_scan && q.top_k > 0 {
+            // A block is skipped only when no group could take any of its candidates.
+            let threshold = if has_interest { floors[0].min(floors[1]) } else { floors[FOLLOWING] };
+            if threshold > f64::NEG_INFINITY {
+                // Nothing at or below this block can compete: done.
+                if attrs.bounds_at_or_below(block_start).is_some_and(|b| bound_of(b) < threshold) {
+                    break;
                 }
-            });
+                if attrs.block_bounds(block_start).is_some_and(|b| bound_of(b) < threshold) {
+                    if block_start == 0 {
+                        break;
+                    }
+                    ordinals.advance_back_to(block_start - 1);
+                    next = ordinals.next_back().filter(|o| *o >= oldest);
+                    continue;
+                }
+            }
+        }
+        // Score the block's candidates.
+        loop {
+            let mut n = 0;
+            while n < BATCH {
+                match next {
+                    Some(o) if o >= block_start => {
+                        batch[n] = o;
+                        n += 1;
+                        next = ordinals.next_back().filter(|o| *o >= oldest);
+                    }
+                    _ => break,
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            scanned += n as u64;
+            for (row, ordinal) in loaded.iter_mut().zip(&batch[..n]) {
+                // Ordinals beyond the rows were committed an instant ago: skipped.
+                *row = rows.get(*ordinal as usize).copied().unwrap_or(hidden);
+            }
+            for (r, &ordinal) in loaded.iter().zip(&batch[..n]) {
+                // Flags are also filter bitmaps; this guards the instant before the
+                // bitmap cache is invalidated.
+                if r.is_hidden() {
+                    continue;
+                }
+                // Blocked owners, and the viewer's own pins, are not the viewer's feed.
+                if r.owner == viewer || (!blocked.is_empty() && blocked.contains(&r.owner)) {
+                    continue;
+                }
+                let age_hours = age_hours_at(r.created_at_s);
+                let vars = [
+                    f64::from(r.quality),
+                    f64::from(r.saves),
+                    f64::from(r.clicks),
+                    f64::from(r.closeups),
+                    age_hours,
+                    age_hours / 24.0,
+                ];
+                let score = q.expr.eval(&vars, &q.request_values, &mut stack);
+                let is_following = !has_interest || user_set.contains(ordinal) || board_set.contains(ordinal);
+                let group = if is_following { FOLLOWING } else { INTEREST };
+                // Below another shard's K-th best: cannot make the merged list.
+                if score < floors[group] && !heaps[group].is_full() {
+                    continue;
+                }
+                // The source is worked out only for candidates that make the top-K.
+                heaps[group].offer(score, ordinal, || {
+                    if user_set.contains(ordinal) {
+                        Source::FollowedUser
+                    } else if board_set.contains(ordinal) {
+                        Source::FollowedBoard
+                    } else if topic_set.contains(ordinal) {
+                        Source::FollowedTopic
+                    } else {
+                        Source::EngagedTopic
+                    }
+                });
+            }
+            if next.is_none_or(|o| o < block_start) {
+                break;
+            }
+        }
+        for (g, heap) in heaps.iter().enumerate() {
+            if heap.is_full() {
+                control.raise_floor(g, heap.floor());
+            }
         }
     }
-    let to_candidates = |top: TopK| -> Vec<Candidate> {
+    let [following, interest] = heaps;
+    let to_candidates = |top: TopK, group: usize| -> Vec<Candidate> {
+        // What other shards found since may leave some of these out of the merge.
+        let floor = control.floor(group);
         top.into_sorted()
             .into_iter()
+            .take_while(|(score, _, _)| *score >= floor)
             .filter_map(|(score, ordinal, source)| {
                 let a = attrs.get(ordinal)?;
                 Some(Candidate {
@@ -200,8 +373,8 @@ pub fn run(shard: &Shard, q: &CandidateQuery) -> Result<ShardAnswer> {
             .collect()
     };
     Ok(ShardAnswer {
-        following: to_candidates(following),
-        interest: to_candidates(interest),
+        following: to_candidates(following, FOLLOWING),
+        interest: to_candidates(interest, INTEREST),
         scanned,
         watermark,
     })
@@ -252,6 +425,18 @@ impl Ord for Entry {
 impl TopK {
     fn new(k: usize) -> Self {
         Self { k, heap: BinaryHeap::with_capacity(k.min(4096) + 1) }
+    }
+
+    fn is_full(&self) -> bool {
+        self.k > 0 && self.heap.len() >= self.k
+    }
+
+    /// The K-th best score once K are held (a candidate must beat it), else `-inf`.
+    fn floor(&self) -> f64 {
+        match self.heap.peek() {
+            Some(min) if self.is_full() => min.0.0,
+            _ => f64::NEG_INFINITY,
+        }
     }
 
     fn offer(&mut self, score: f64, ordinal: u32, payload: impl FnOnce() -> Source) {

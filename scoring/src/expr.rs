@@ -582,6 +582,249 @@ fn emit(ast: &Ast, ops: &mut Vec<Op>) {
     }
 }
 
+// ------------------------------------------------------------------ bounds
+
+/// A closed range of values a variable takes over a set of candidates (both ends
+/// finite, `lo <= hi`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Interval {
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl Interval {
+    /// The range `[lo, hi]`, or `None` unless both ends are finite and ordered.
+    pub fn new(lo: f64, hi: f64) -> Option<Interval> {
+        (lo.is_finite() && hi.is_finite() && lo <= hi).then_some(Interval { lo, hi })
+    }
+
+    pub fn point(v: f64) -> Option<Interval> {
+        Interval::new(v, v)
+    }
+}
+
+/// Scratch space of [`Expr::upper_bound`], reused across calls.
+#[derive(Clone, Debug, Default)]
+pub struct BoundScratch(Vec<Range>);
+
+/// What the bound evaluator knows of an intermediate value: a finite range, or nothing
+/// (it may be infinite or NaN). Every step over-approximates, so the end result holds
+/// every value [`Expr::eval`] can produce for inputs inside the given ranges.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Range {
+    Known(Interval),
+    Unknown,
+}
+
+impl Range {
+    fn of(lo: f64, hi: f64) -> Range {
+        Interval::new(lo, hi).map_or(Range::Unknown, Range::Known)
+    }
+
+    /// The hull of `values` (all finite, or `Unknown`).
+    fn hull(values: &[f64]) -> Range {
+        let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if values.iter().any(|v| !v.is_finite()) { Range::Unknown } else { Range::of(lo, hi) }
+    }
+
+    const BOOL: Range = Range::Known(Interval { lo: 0.0, hi: 1.0 });
+
+    fn truth(b: bool) -> Range {
+        let v = bool_f(b);
+        Range::Known(Interval { lo: v, hi: v })
+    }
+
+    /// Certainly non-zero (`Some(true)`), certainly zero (`Some(false)`), or either.
+    fn nonzero(self) -> Option<bool> {
+        match self {
+            Range::Known(i) if i.lo > 0.0 || i.hi < 0.0 => Some(true),
+            Range::Known(i) if i.lo == 0.0 && i.hi == 0.0 => Some(false),
+            _ => None,
+        }
+    }
+}
+
+fn unknown_or(a: Range, b: Range, f: impl Fn(Interval, Interval) -> Range) -> Range {
+    match (a, b) {
+        (Range::Known(a), Range::Known(b)) => f(a, b),
+        _ => Range::Unknown,
+    }
+}
+
+/// A comparison: certain when the ranges do not overlap in the way that matters.
+fn compare(a: Range, b: Range, certainly: impl Fn(Interval, Interval) -> Option<bool>) -> Range {
+    match (a, b) {
+        (Range::Known(a), Range::Known(b)) => certainly(a, b).map_or(Range::BOOL, Range::truth),
+        _ => Range::BOOL,
+    }
+}
+
+impl Expr {
+    /// An upper bound of [`Expr::eval`] over every candidate whose pin variables lie in
+    /// `vars` (one range per [`PIN_VARIABLES`] entry), with the request features `req`;
+    /// `+inf` when the expression can be unbounded or NaN over those ranges (nothing can
+    /// be skipped then). Sound by construction: each step returns a range holding every
+    /// value the step can produce, and IEEE rounding is monotone, so the bound computed
+    /// from range ends is at least the score computed from values inside them. Used by
+    /// shards to skip blocks of candidates that cannot make the top-K.
+    pub fn upper_bound(
+        &self,
+        vars: &[Interval; PIN_VARIABLES.len()],
+        req: &[f64],
+        scratch: &mut BoundScratch,
+    ) -> f64 {
+        let stack = &mut scratch.0;
+        stack.clear();
+        for op in &self.ops {
+            let r = match *op {
+                Op::Const(c) => Range::of(c, c),
+                Op::Var(i) => vars.get(i as usize).map_or(Range::Unknown, |v| Range::Known(*v)),
+                Op::Req(i) => {
+                    let v = req.get(i as usize).copied().unwrap_or(0.0);
+                    Range::of(v, v)
+                }
+                Op::Neg | Op::Not | Op::Ln | Op::Exp | Op::Sqrt | Op::Abs => {
+                    let a = stack.pop().unwrap_or(Range::Unknown);
+                    bound_unary(*op, a)
+                }
+                Op::Min(n) | Op::Max(n) => {
+                    let start = stack.len().saturating_sub(n as usize);
+                    let args: Vec<Range> = stack.drain(start..).collect();
+                    let known: Option<Vec<Interval>> =
+                        args.iter().map(|a| if let Range::Known(i) = a { Some(*i) } else { None }).collect();
+                    match known {
+                        Some(v) if !v.is_empty() => {
+                            let (los, his): (Vec<f64>, Vec<f64>) = v.iter().map(|i| (i.lo, i.hi)).unzip();
+                            let pick = |xs: &[f64]| {
+                                let f = if matches!(op, Op::Min(_)) { f64::min } else { f64::max };
+                                xs.iter().copied().reduce(f).unwrap_or(0.0)
+                            };
+                            Range::of(pick(&los), pick(&his))
+                        }
+                        _ => Range::Unknown,
+                    }
+                }
+                Op::Clamp => {
+                    let hi = stack.pop().unwrap_or(Range::Unknown);
+                    let lo = stack.pop().unwrap_or(Range::Unknown);
+                    let x = stack.pop().unwrap_or(Range::Unknown);
+                    // x.max(lo).min(hi), step by step.
+                    let m = unknown_or(x, lo, |x, lo| Range::of(x.lo.max(lo.lo), x.hi.max(lo.hi)));
+                    unknown_or(m, hi, |m, hi| Range::of(m.lo.min(hi.lo), m.hi.min(hi.hi)))
+                }
+                Op::Select => {
+                    let b = stack.pop().unwrap_or(Range::Unknown);
+                    let a = stack.pop().unwrap_or(Range::Unknown);
+                    let c = stack.pop().unwrap_or(Range::Unknown);
+                    match c.nonzero() {
+                        Some(true) => a,
+                        Some(false) => b,
+                        None => unknown_or(a, b, |a, b| Range::of(a.lo.min(b.lo), a.hi.max(b.hi))),
+                    }
+                }
+                _ => {
+                    let b = stack.pop().unwrap_or(Range::Unknown);
+                    let a = stack.pop().unwrap_or(Range::Unknown);
+                    bound_binary(*op, a, b)
+                }
+            };
+            stack.push(r);
+        }
+        match stack.pop() {
+            // A NaN score is -inf (below any bound); an infinite one is `Unknown`. The
+            // pad covers libm's `ln`/`exp`/`powf`, which are not guaranteed monotone to
+            // the last bit.
+            Some(Range::Known(i)) => i.hi + i.hi.abs() * 1e-9 + 1e-12,
+            _ => f64::INFINITY,
+        }
+    }
+}
+
+fn bound_unary(op: Op, a: Range) -> Range {
+    if op == Op::Not {
+        return match a.nonzero() {
+            Some(nz) => Range::truth(!nz),
+            None => Range::BOOL,
+        };
+    }
+    let Range::Known(a) = a else { return Range::Unknown };
+    match op {
+        Op::Neg => Range::of(-a.hi, -a.lo),
+        // Below 0: NaN; at 0: -inf.
+        Op::Ln if a.lo > 0.0 => Range::of(a.lo.ln(), a.hi.ln()),
+        Op::Exp => Range::of(a.lo.exp(), a.hi.exp()),
+        Op::Sqrt if a.lo >= 0.0 => Range::of(a.lo.sqrt(), a.hi.sqrt()),
+        Op::Abs if a.lo >= 0.0 => Range::Known(a),
+        Op::Abs if a.hi <= 0.0 => Range::of(-a.hi, -a.lo),
+        Op::Abs => Range::of(0.0, a.hi.max(-a.lo)),
+        _ => Range::Unknown,
+    }
+}
+
+fn bound_binary(op: Op, a: Range, b: Range) -> Range {
+    match op {
+        Op::Add => unknown_or(a, b, |a, b| Range::of(a.lo + b.lo, a.hi + b.hi)),
+        Op::Sub => unknown_or(a, b, |a, b| Range::of(a.lo - b.hi, a.hi - b.lo)),
+        Op::Mul => {
+            unknown_or(a, b, |a, b| Range::hull(&[a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi]))
+        }
+        // A divisor range holding 0 can divide by 0 (infinite, or NaN for 0/0).
+        Op::Div => unknown_or(a, b, |a, b| {
+            if b.lo <= 0.0 && b.hi >= 0.0 {
+                Range::Unknown
+            } else {
+                Range::hull(&[a.lo / b.lo, a.lo / b.hi, a.hi / b.lo, a.hi / b.hi])
+            }
+        }),
+        // x^y for x > 0 is exp(y·ln x): y·ln x is bilinear, so its extremes over a box
+        // are at the corners, and exp is monotone. Other bases can be NaN or infinite.
+        Op::Pow => unknown_or(a, b, |a, b| {
+            if a.lo > 0.0 {
+                Range::hull(&[a.lo.powf(b.lo), a.lo.powf(b.hi), a.hi.powf(b.lo), a.hi.powf(b.hi)])
+            } else {
+                Range::Unknown
+            }
+        }),
+        Op::Lt => {
+            compare(a, b, |a, b| if a.hi < b.lo { Some(true) } else { (a.lo >= b.hi).then_some(false) })
+        }
+        Op::Le => {
+            compare(a, b, |a, b| if a.hi <= b.lo { Some(true) } else { (a.lo > b.hi).then_some(false) })
+        }
+        Op::Gt => {
+            compare(a, b, |a, b| if a.lo > b.hi { Some(true) } else { (a.hi <= b.lo).then_some(false) })
+        }
+        Op::Ge => {
+            compare(a, b, |a, b| if a.lo >= b.hi { Some(true) } else { (a.hi < b.lo).then_some(false) })
+        }
+        Op::Eq | Op::Ne => {
+            let eq = match (a, b) {
+                (Range::Known(a), Range::Known(b)) if a.hi < b.lo || b.hi < a.lo => Some(false),
+                (Range::Known(a), Range::Known(b)) if a.lo == a.hi && b.lo == b.hi && a.lo == b.lo => {
+                    Some(true)
+                }
+                _ => None,
+            };
+            match eq {
+                Some(e) => Range::truth(if op == Op::Eq { e } else { !e }),
+                None => Range::BOOL,
+            }
+        }
+        Op::And => match (a.nonzero(), b.nonzero()) {
+            (Some(false), _) | (_, Some(false)) => Range::truth(false),
+            (Some(true), Some(true)) => Range::truth(true),
+            _ => Range::BOOL,
+        },
+        Op::Or => match (a.nonzero(), b.nonzero()) {
+            (Some(true), _) | (_, Some(true)) => Range::truth(true),
+            (Some(false), Some(false)) => Range::truth(false),
+            _ => Range::BOOL,
+        },
+        _ => Range::Unknown,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -636,6 +879,27 @@ mod tests {
     }
 
     #[test]
+    fn upper_bounds_of_the_demo_rankings_are_tight() {
+        let iv = |lo: f64, hi: f64| Interval::new(lo, hi).unwrap();
+        let vars = [iv(0.2, 0.9), iv(0.0, 99.0), iv(0.0, 10.0), iv(0.0, 10.0), iv(24.0, 48.0), iv(1.0, 2.0)];
+        let e = Expr::compile("2*quality + 0.3*ln(1 + saves) - age_hours/48").unwrap();
+        let b = e.upper_bound(&vars, &[], &mut BoundScratch::default());
+        let want = 1.8 + 0.3 * 100f64.ln() - 0.5;
+        assert!(b >= want && b - want < 1e-6, "{b} vs {want}");
+        let recent = Expr::compile("-age_hours").unwrap();
+        assert!((recent.upper_bound(&vars, &[], &mut BoundScratch::default()) + 24.0).abs() < 1e-6);
+        // Unbounded or NaN-capable expressions bound nothing.
+        for src in ["ln(saves)", "quality / (saves - 1)", "exp(1000 * quality)", "ln(-1)"] {
+            let e = Expr::compile(src).unwrap();
+            assert_eq!(e.upper_bound(&vars, &[], &mut BoundScratch::default()), f64::INFINITY, "{src}");
+        }
+        // Conditions decided by the ranges pick their branch.
+        let e = Expr::compile("req.x > 0 ? quality : 100").unwrap();
+        assert!(e.upper_bound(&vars, &[1.0], &mut BoundScratch::default()) < 1.0);
+        assert!(e.upper_bound(&vars, &[0.0], &mut BoundScratch::default()) >= 100.0);
+    }
+
+    #[test]
     fn nan_scores_sort_last() {
         assert_eq!(eval("ln(-1)", vars(0.0, 0.0, 0.0), &[]), f64::NEG_INFINITY);
     }
@@ -663,7 +927,33 @@ mod tests {
         assert_eq!(eval("# weights\n2 * quality # quality\n+ 1", vars(0.5, 0.0, 0.0), &[]), 2.0);
     }
 
+    fn range_strategy() -> impl proptest::strategy::Strategy<Value = (f64, f64)> {
+        use proptest::prelude::*;
+        (-50.0f64..50.0, 0.0f64..20.0).prop_map(|(lo, w)| (lo, lo + w))
+    }
+
     proptest::proptest! {
+        /// The bound holds every score of candidates inside the ranges, for random
+        /// expressions over every operator.
+        #[test]
+        fn upper_bound_holds_every_score(
+            src in "(quality|saves|age_hours|req.a|1|2|0|-|[-+*/^<>]|ln|exp|sqrt|abs|min|max|clamp|pow|if|[(),?:]| ){1,30}",
+            ranges in proptest::collection::vec(range_strategy(), 6),
+            picks in proptest::collection::vec(0.0f64..=1.0, 6),
+            req in -3.0f64..3.0,
+        ) {
+            let Ok(e) = Expr::compile(&src) else { return Ok(()) };
+            let iv: Vec<Interval> = ranges.iter().map(|(lo, hi)| Interval::new(*lo, *hi).unwrap()).collect();
+            let vars_iv: [Interval; PIN_VARIABLES.len()] = iv.clone().try_into().unwrap();
+            let bound = e.upper_bound(&vars_iv, &[req], &mut BoundScratch::default());
+            let mut point = [0.0; PIN_VARIABLES.len()];
+            for (k, (i, t)) in iv.iter().zip(&picks).enumerate() {
+                point[k] = if *t < 0.1 { i.lo } else if *t > 0.9 { i.hi } else { i.lo + (i.hi - i.lo) * t };
+            }
+            let score = e.eval(&point, &[req], &mut Vec::new());
+            proptest::prop_assert!(score <= bound, "{src}: score {score} > bound {bound} at {point:?}");
+        }
+
         /// Any input either compiles or fails with a position inside the source; no
         /// panic, and compiled expressions evaluate without panicking.
         #[test]

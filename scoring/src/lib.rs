@@ -27,7 +27,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-pub use expr::{Expr, PIN_VARIABLES, ParseError};
+pub use expr::{BoundScratch, Expr, Interval, PIN_VARIABLES, ParseError};
 pub use model::{LoadedModel, ModelKind};
 pub use registry::{ModelInfo, Registry, ReloadReport};
 pub use schema::FeatureSchema;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use feedgraph_retrieval::{BrokerConfig, ModelRanking};
+use feedgraph_retrieval::{AdmissionConfig, BrokerConfig, ModelRanking};
 use feedgraph_scoring::Expr;
 use serde::{Deserialize, Serialize};
 
@@ -183,8 +183,20 @@ pub struct FeedConfig {
     pub engaged_topics: usize,
     /// How long a ranking stays cached for its next pages, in seconds.
     pub ranking_ttl_s: u64,
-    /// Rankings kept in the cache.
-    pub ranking_cache_entries: u64,
+    /// MiB the cached rankings may take (each weighed by its candidates, ~100 bytes
+    /// each: a ranking of 500 is ~50 KiB).
+    pub ranking_cache_mb: u64,
+    /// Examine every candidate up to `scan_limit` instead of skipping blocks of
+    /// candidates that cannot make the top-K. The same rankings, slower: for
+    /// comparisons.
+    pub full_scan: bool,
+    /// Rankings computed at once; 0: one per core. Requests beyond wait in a short
+    /// queue, then are shed with RESOURCE_EXHAUSTED.
+    pub max_rankings_in_progress: usize,
+    /// Rankings waiting for a slot; beyond, a request is shed at once.
+    pub max_rankings_queued: usize,
+    /// Longest wait for a slot, in milliseconds, before a queued request is shed.
+    pub queue_wait_ms: u64,
     /// Ranking used when a request names none; must be in `rankings`.
     pub default_ranking: String,
 }
@@ -275,6 +287,7 @@ impl Default for Config {
         rankings.insert("default".into(), "2*quality + 0.3*ln(1 + saves) - age_hours/48".into());
         rankings.insert("fresh".into(), "quality - age_hours/6".into());
         rankings.insert("popular".into(), "ln(1 + saves) + 0.5*ln(1 + closeups) - age_days/7".into());
+        rankings.insert("recent".into(), "-age_hours".into());
         Self {
             data_dir: PathBuf::from("data/feedgraph"),
             listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
@@ -307,7 +320,11 @@ impl Default for FeedConfig {
             engaged_recent_pins: 50,
             engaged_topics: 5,
             ranking_ttl_s: 600,
-            ranking_cache_entries: 100_000,
+            ranking_cache_mb: 256,
+            full_scan: false,
+            max_rankings_in_progress: 0,
+            max_rankings_queued: 16,
+            queue_wait_ms: 4,
             default_ranking: "default".into(),
         }
     }
@@ -414,6 +431,9 @@ impl Config {
         if f.shard_deadline_ms == 0 {
             return Err(invalid("feed.shard_deadline_ms", "must be at least 1"));
         }
+        if f.ranking_cache_mb == 0 {
+            return Err(invalid("feed.ranking_cache_mb", "must be at least 1"));
+        }
         if !(0.0..=1.0).contains(&f.home_interest_share) {
             return Err(invalid("feed.home_interest_share", "must be in [0, 1]"));
         }
@@ -454,7 +474,16 @@ impl Config {
             engaged_recent_pins: f.engaged_recent_pins,
             engaged_topics: f.engaged_topics,
             ranking_ttl: Duration::from_secs(f.ranking_ttl_s.max(1)),
-            ranking_cache_entries: f.ranking_cache_entries,
+            ranking_cache_bytes: f.ranking_cache_mb << 20,
+            full_scan: f.full_scan,
+            admission: AdmissionConfig {
+                in_progress: match f.max_rankings_in_progress {
+                    0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+                    n => n,
+                },
+                queued: f.max_rankings_queued,
+                queue_wait: Duration::from_millis(f.queue_wait_ms),
+            },
             rankings,
             default_ranking: f.default_ranking.clone(),
             shard_delays,

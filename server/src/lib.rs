@@ -347,6 +347,7 @@ async fn serve(
         broker = broker.with_scorer(Arc::new(scorer::RemoteScorer::new(endpoint)?));
     }
     let broker = Arc::new(broker);
+    metrics.watch_broker(broker.clone());
     use feedgraph_cluster::service::{AdminApi, ReplicationApi};
     use pb::internal::{
         admin_service_server::AdminServiceServer, replication_service_server::ReplicationServiceServer,

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use feedgraph_cluster::{Replicas, Role};
 
-use feedgraph_retrieval::{FeedPage, Scoring};
+use feedgraph_retrieval::{Broker, FeedPage, Scoring};
 use feedgraph_scoring::ReloadReport;
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -28,6 +28,77 @@ pub struct Metrics {
     model_version: IntGaugeVec,
     replicas: OnceLock<Arc<Replicas>>,
     replica: ReplicaMetrics,
+    broker: OnceLock<Arc<Broker>>,
+    load: LoadMetrics,
+}
+
+/// Admission, the ranking cache and the process's CPU time: read when `/metrics` is
+/// scraped.
+#[derive(Debug)]
+struct LoadMetrics {
+    in_progress: IntGauge,
+    queued: IntGauge,
+    shed: IntCounter,
+    ranking_cache_entries: IntGauge,
+    ranking_cache_bytes: IntGauge,
+    cpu_seconds: prometheus::Counter,
+}
+
+impl LoadMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let shed = IntCounter::new(
+            "feed_shed_total",
+            "Feed requests shed by admission control (answered RESOURCE_EXHAUSTED at once)",
+        )?;
+        registry.register(Box::new(shed.clone()))?;
+        let cpu_seconds = prometheus::Counter::new(
+            "process_cpu_seconds_total",
+            "CPU time of the whole process (user + system), seconds",
+        )?;
+        registry.register(Box::new(cpu_seconds.clone()))?;
+        Ok(Self {
+            in_progress: gauge("feed_rankings_in_progress", "Rankings being computed now")?,
+            queued: gauge("feed_rankings_queued", "Rankings waiting for an admission slot now")?,
+            shed,
+            ranking_cache_entries: gauge("ranking_cache_entries", "Rankings cached for later pages")?,
+            ranking_cache_bytes: gauge(
+                "ranking_cache_bytes",
+                "Bytes of the rankings cached for later pages",
+            )?,
+            cpu_seconds,
+        })
+    }
+
+    fn refresh(&self, broker: Option<&Broker>) {
+        if let Some(broker) = broker {
+            let a = broker.admission_stats();
+            self.in_progress.set(a.in_progress as i64);
+            self.queued.set(a.queued as i64);
+            self.shed.inc_by(a.shed_total.saturating_sub(self.shed.get()));
+            let (entries, bytes) = broker.ranking_cache_usage();
+            self.ranking_cache_entries.set(entries as i64);
+            self.ranking_cache_bytes.set(bytes as i64);
+        }
+        if let Some(cpu) = process_cpu_seconds() {
+            self.cpu_seconds.inc_by((cpu - self.cpu_seconds.get()).max(0.0));
+        }
+    }
+}
+
+/// User + system CPU time of this process so far, from `/proc/self/stat` (Linux; in
+/// clock ticks of 1/100 s, the USER_HZ Linux reports to user space).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 /// Replica state per shard, and the node's RocksDB memory: read from the replicas when
@@ -202,6 +273,7 @@ impl Metrics {
         registry.register(Box::new(feed_partial.clone()))?;
         registry.register(Box::new(feed_scanned.clone()))?;
         let replica = ReplicaMetrics::new(&registry)?;
+        let load = LoadMetrics::new(&registry)?;
         Ok(Self {
             registry,
             requests,
@@ -213,7 +285,14 @@ impl Metrics {
             model_version,
             replicas: OnceLock::new(),
             replica,
+            broker: OnceLock::new(),
+            load,
         })
+    }
+
+    /// Reports this broker's admission and cache state (read at every scrape).
+    pub fn watch_broker(&self, broker: Arc<Broker>) {
+        let _ = self.broker.set(broker);
     }
 
     /// Reports these replicas' state (read at every scrape).
@@ -276,6 +355,7 @@ impl Metrics {
         if let Some(replicas) = self.replicas.get() {
             self.replica.refresh(replicas);
         }
+        self.load.refresh(self.broker.get().map(|b| b.as_ref()));
         let mut out = Vec::new();
         // Encoding into a Vec only fails on invalid metric names, which are constants.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

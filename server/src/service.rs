@@ -37,6 +37,15 @@ pub fn status(e: Error) -> Status {
             refuse(Status::deadline_exceeded(msg), RefusalKind::NotConfirmed, None, Some(epoch)),
             sequence,
         ),
+        Error::Overloaded { retry_after, .. } => {
+            let mut status = Status::resource_exhausted(msg);
+            // gRPC's retry pushback: clients with a retry policy wait this long.
+            if let Ok(v) = retry_after.as_millis().to_string().parse() {
+                status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+            }
+            status
+        }
+        Error::Cancelled(why) => Status::cancelled(why),
         Error::Internal(why) => Status::internal(why),
         Error::Store(e) => store_status(e),
     }

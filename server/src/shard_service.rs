@@ -88,11 +88,15 @@ impl ipb::shard_service_server::ShardService for ShardApi {
                 let store = self.readable(req.shard, req.read_after)?;
                 let q = wire::query_from_proto(&req, self.expr(&req.score_expr)?)?;
                 let delay = self.delays.get(&req.shard).copied();
+                // Dropped with this handler (the broker's deadline passed, or it went
+                // away): the scan stops at its next block.
+                let control = Arc::new(query::ScanControl::unbounded());
+                let _cancel = query::CancelOnDrop(control.clone());
                 let answer = blocking(move || {
                     if let Some(d) = delay {
                         std::thread::sleep(d);
                     }
-                    query::run(&store, &q).map_err(crate::service::status)
+                    query::run(&store, &q, &control).map_err(crate::service::status)
                 })
                 .await?;
                 Ok(wire::answer_to_proto(&answer))

@@ -54,6 +54,7 @@ pub fn query_to_proto(shard: u32, q: &CandidateQuery, after: ReadAfter) -> ipb::
         now_ms: q.now_ms,
         ordinal_bound: q.ordinal_bound,
         read_after: read_after_to_proto(after),
+        full_scan: q.full_scan,
     }
 }
 
@@ -88,6 +89,7 @@ pub fn query_from_proto(r: &ipb::CandidateQueryRequest, expr: Arc<Expr>) -> Resu
         request_values: r.request_values.clone(),
         now_ms: r.now_ms,
         ordinal_bound: r.ordinal_bound,
+        full_scan: r.full_scan,
     })
 }
 
@@ -233,6 +235,7 @@ mod tests {
             request_values: vec![0.25],
             now_ms: 1_800_000_000_000,
             ordinal_bound: Some(77),
+            full_scan: true,
         };
         let wire = query_to_proto(3, &q, ReadAfter { epoch: 2, sequence: 9 });
         let back = query_from_proto(&wire, expr.clone()).unwrap();

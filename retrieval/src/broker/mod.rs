@@ -13,6 +13,8 @@
 //! per-shard ordinal bounds) when the cache no longer has it. So pages concatenate to
 //! one ranked list even when pins arrive in between.
 
+mod admission;
+mod lanes;
 mod reads;
 mod rerank;
 mod scatter;
@@ -34,6 +36,7 @@ use crate::rank;
 use crate::shards::{LocalShards, ReadAfter, ShardDirectory};
 use crate::{Error, Result};
 
+pub use admission::{AdmissionConfig, AdmissionStats};
 pub use writes::WriteResult;
 
 /// Broker settings (validated by the server's configuration layer).
@@ -62,7 +65,13 @@ pub struct BrokerConfig {
     pub engaged_topics: usize,
     /// How long a computed ranking stays cached for its later pages.
     pub ranking_ttl: Duration,
-    pub ranking_cache_entries: u64,
+    /// Bytes the cached rankings may take (each weighed by its candidates).
+    pub ranking_cache_bytes: u64,
+    /// Examine every candidate up to `scan_limit` instead of skipping blocks that
+    /// cannot make the top-K: the same rankings, slower (for comparisons).
+    pub full_scan: bool,
+    /// Bounds on rankings computed at once and queued.
+    pub admission: AdmissionConfig,
     /// Named light-score expressions.
     pub rankings: BTreeMap<String, Arc<Expr>>,
     /// The ranking used when a request names none.
@@ -148,6 +157,19 @@ struct Ranking {
     watermarks: Vec<u32>,
 }
 
+impl Ranking {
+    /// Bytes held, for the cache's budget.
+    fn weight(&self) -> u32 {
+        let items: usize = self.pages.iter().map(|p| p.capacity()).sum();
+        let bytes = size_of::<Ranking>()
+            + items * size_of::<Candidate>()
+            + self.pages.capacity() * size_of::<Vec<Candidate>>()
+            + self.watermarks.capacity() * size_of::<u32>()
+            + self.stats.model.as_ref().map_or(0, String::capacity);
+        bytes.min(u32::MAX as usize) as u32
+    }
+}
+
 /// Routes writes and builds feeds over the shards of a [`ShardDirectory`].
 pub struct Broker {
     shards: Arc<dyn ShardDirectory>,
@@ -161,6 +183,9 @@ pub struct Broker {
     /// Held by every shard query still running (lanes and RPCs may outlive their
     /// request's deadline).
     busy: Arc<()>,
+    admission: admission::Admission,
+    /// Scan threads for local shards, one per core, below the executor's priority.
+    lanes: lanes::Lanes,
 }
 
 impl std::fmt::Debug for Broker {
@@ -200,9 +225,15 @@ impl Broker {
                 cfg.default_ranking
             )));
         }
-        let rankings =
-            Cache::builder().max_capacity(cfg.ranking_cache_entries).time_to_live(cfg.ranking_ttl).build();
+        let rankings = Cache::builder()
+            .max_capacity(cfg.ranking_cache_bytes)
+            .weigher(|_, r: &Arc<Ranking>| r.weight())
+            .time_to_live(cfg.ranking_ttl)
+            .build();
         let written = (0..directory.shard_count()).map(|_| Mutex::new(ReadAfter::default())).collect();
+        let admission = admission::Admission::new(cfg.admission);
+        let lanes = lanes::Lanes::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .map_err(|e| Error::Internal(format!("starting scan lanes: {e}")))?;
         Ok(Self {
             shards: directory,
             cfg,
@@ -211,6 +242,8 @@ impl Broker {
             scorer: None,
             written,
             busy: Arc::new(()),
+            admission,
+            lanes,
         })
     }
 
@@ -230,6 +263,16 @@ impl Broker {
         self.shards.shard_count()
     }
 
+    /// Rankings in progress and queued now, and shed since start.
+    pub fn admission_stats(&self) -> AdmissionStats {
+        self.admission.stats()
+    }
+
+    /// Cached rankings: (entries, bytes). Approximate (the cache settles lazily).
+    pub fn ranking_cache_usage(&self) -> (u64, u64) {
+        (self.rankings.entry_count(), self.rankings.weighted_size())
+    }
+
     /// The newest write this broker committed on `shard`.
     fn read_after(&self, shard: u32) -> ReadAfter {
         self.written
@@ -242,6 +285,12 @@ impl Broker {
 
     /// One page of the user's following or home feed.
     pub async fn feed(&self, kind: FeedKind, req: &FeedRequest) -> Result<FeedPage> {
+        self.feed_at(kind, req, now_ms()).await
+    }
+
+    /// [`Broker::feed`] with "now" given: a first page ranks as of `now_ms` (a later
+    /// page keeps its cursor's). For replays and comparisons on one snapshot.
+    pub async fn feed_at(&self, kind: FeedKind, req: &FeedRequest, now_ms: i64) -> Result<FeedPage> {
         if req.page_size.get() > self.cfg.max_page_size {
             return Err(Error::InvalidArgument {
                 field: "page_size".into(),
@@ -296,7 +345,7 @@ impl Broker {
                 (st, ranking)
             }
             None => {
-                let now = now_ms();
+                let now = now_ms;
                 let page_size = req.page_size.get() as usize;
                 let ranking = self.compute(kind, req, expr, now, None, page_size).await?;
                 let ranking_id = rand::random::<u64>();
@@ -335,10 +384,12 @@ impl Broker {
         bounds: Option<Vec<u32>>,
         page_size: usize,
     ) -> Result<Arc<Ranking>> {
+        let _slot = self.admission.enter().await?;
         let gathered = self.gather(kind, req, expr, now_ms, bounds).await?;
         let watermarks = gathered.watermarks.clone();
         let (list, stats) = self.rerank(kind, req, gathered, now_ms).await;
-        let pages = rank::paginate(list, page_size, self.cfg.max_per_owner, self.cfg.max_per_board);
+        let (per_owner, per_board) = (self.cfg.max_per_owner, self.cfg.max_per_board);
+        let pages = blocking(move || Ok(rank::paginate(list, page_size, per_owner, per_board))).await?;
         Ok(Arc::new(Ranking { pages, stats, watermarks }))
     }
 

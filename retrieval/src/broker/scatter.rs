@@ -1,6 +1,6 @@
 //! Scatter and gather of candidate queries. Shards with a readable local replica run
-//! in one blocking *lane* per core (on few cores, waking a thread per shard costs more
-//! than it overlaps); shards served elsewhere are one RPC each, failing over to the
+//! on the broker's scan *lanes*, one thread per core (on few cores, waking a thread per
+//! shard costs more than it overlaps), split into one group per lane; shards served elsewhere are one RPC each, failing over to the
 //! next replica on error. Every shard reports the moment it is done; the broker
 //! collects until the deadline and leaves out (and flags) what did not answer.
 
@@ -10,9 +10,9 @@ use feedgraph_graph_store::{Follows, Shard};
 use feedgraph_model::{FeedRequest, shard_of};
 use feedgraph_scoring::Expr;
 
-use super::{Broker, FeedStats, Scoring};
+use super::{Broker, FeedStats, Scoring, blocking};
 use crate::cursor::FeedKind;
-use crate::query::{self, Candidate, CandidateQuery, ShardAnswer};
+use crate::query::{self, CancelOnDrop, Candidate, CandidateQuery, ScanControl, ShardAnswer};
 use crate::rank;
 use crate::shards::{RemoteReplica, Replica};
 use crate::{Error, Result};
@@ -61,6 +61,7 @@ impl Broker {
             expr,
             now_ms,
             ordinal_bound: None,
+            full_scan: self.cfg.full_scan,
         };
         let mut queries: Vec<Option<CandidateQuery>> = vec![None; n];
         let slot = |queries: &mut Vec<Option<CandidateQuery>>, shard: u32| -> usize {
@@ -106,6 +107,14 @@ impl Broker {
 
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
         let deadline = tokio::time::Instant::now() + self.cfg.shard_deadline;
+        // Local scans stop at the deadline, or as soon as this request is done with them
+        // or dropped (its client went away or its gRPC deadline passed). Floors are
+        // shared when every shard keeps at least a whole ranking's worth.
+        let control = Arc::new(ScanControl::new(
+            Some(deadline.into_std()),
+            self.cfg.candidates_per_shard >= self.cfg.max_ranked,
+        ));
+        let _cancel = CancelOnDrop(control.clone());
         let mut local: Vec<(usize, CandidateQuery, Arc<Shard>)> = Vec::new();
         for (i, q) in work {
             let after = self.read_after(i as u32);
@@ -132,7 +141,7 @@ impl Broker {
                 None => self.spawn_remote(i, q, after, remotes, deadline, tx.clone()),
             }
         }
-        self.spawn_lanes(local, tx.clone());
+        self.spawn_lanes(local, &control, tx.clone());
         drop(tx);
 
         let mut answers: Vec<ShardAnswer> = Vec::with_capacity(asked as usize);
@@ -142,6 +151,9 @@ impl Broker {
                 Ok(Some((i, Ok(answer)))) => {
                     watermarks[i] = answer.watermark;
                     answers.push(answer);
+                }
+                Ok(Some((i, Err(Error::Cancelled(_))))) => {
+                    tracing::debug!(shard = i, "candidate query stopped at the deadline");
                 }
                 Ok(Some((i, Err(e)))) => tracing::warn!(shard = i, error = %e, "candidate query failed"),
                 Ok(None) => break,
@@ -162,14 +174,16 @@ impl Broker {
             following.push(a.following);
             interest.push(a.interest);
         }
-        let limit = self.cfg.max_ranked;
-        let following = rank::merge(following, limit);
-        let list = match kind {
-            FeedKind::Following => following,
-            FeedKind::Home => {
-                rank::blend(following, rank::merge(interest, limit), self.cfg.home_interest_share, limit)
-            }
-        };
+        let (limit, share) = (self.cfg.max_ranked, self.cfg.home_interest_share);
+        // Merging thousands of candidates is CPU work: off the async executor.
+        let list = blocking(move || {
+            let following = rank::merge(following, limit);
+            Ok(match kind {
+                FeedKind::Following => following,
+                FeedKind::Home => rank::blend(following, rank::merge(interest, limit), share, limit),
+            })
+        })
+        .await?;
         let stats = FeedStats {
             candidates_scanned: scanned,
             shards_asked: asked,
@@ -187,12 +201,13 @@ impl Broker {
     fn spawn_lanes(
         &self,
         work: Vec<(usize, CandidateQuery, Arc<Shard>)>,
+        control: &Arc<ScanControl>,
         tx: tokio::sync::mpsc::UnboundedSender<Report>,
     ) {
         if work.is_empty() {
             return;
         }
-        let lanes = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, work.len());
+        let lanes = self.lanes.count().clamp(1, work.len());
         let mut lane_work: Vec<Vec<(usize, CandidateQuery, Arc<Shard>)>> =
             (0..lanes).map(|_| Vec::new()).collect();
         for (k, item) in work.into_iter().enumerate() {
@@ -202,13 +217,17 @@ impl Broker {
             let delays = self.cfg.shard_delays.clone();
             let tx = tx.clone();
             let busy = self.busy.clone();
-            tokio::task::spawn_blocking(move || {
+            let control = control.clone();
+            self.lanes.run(move || {
                 let _busy = busy;
                 for (i, q, shard) in queries {
+                    if control.is_stopped() {
+                        return;
+                    }
                     if let Some(d) = delays.get(&(i as u32)) {
                         std::thread::sleep(*d);
                     }
-                    let answer = query::run(&shard, &q);
+                    let answer = query::run(&shard, &q, &control);
                     drop(shard);
                     // The receiver may be gone (deadline passed): nothing to do then.
                     if tx.send((i, answer)).is_err() {
@@ -238,7 +257,12 @@ impl Broker {
                 if left.is_zero() {
                     break;
                 }
-                match r.candidates(q.clone(), after, left).await {
+                // The request is done with this shard (deadline, or dropped): stop.
+                let answer = tokio::select! {
+                    _ = tx.closed() => return,
+                    answer = r.candidates(q.clone(), after, left) => answer,
+                };
+                match answer {
                     Ok(answer) => {
                         let _ = tx.send((shard, Ok(answer)));
                         return;

@@ -73,6 +73,11 @@ struct TargetArgs {
     /// Service address.
     #[arg(long, env = "FEEDGRAPH_ADDR", default_value = "127.0.0.1:7878")]
     addr: String,
+    /// The service's Prometheus endpoint (host:port), read before and after each run
+    /// for its CPU time and its own request count (the embedded service's is used with
+    /// --embedded). Unreachable: the report leaves them out.
+    #[arg(long, env = "FEEDGRAPH_METRICS_ADDR", default_value = "127.0.0.1:9878")]
+    metrics_addr: String,
     /// Start `feedgraph serve` in this process on a temporary directory instead (loaded
     /// with the generated graph, scoring with the demo MLP).
     #[arg(long)]
@@ -117,6 +122,9 @@ struct LoadArgs {
     max_in_flight: u64,
     #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u32).range(1..=1000))]
     page_size: u32,
+    /// Ranking each feed request names (the service's default when unset).
+    #[arg(long)]
+    ranking: Option<String>,
     /// Print the reports as JSON on stdout (the human report goes to stderr).
     #[arg(long)]
     json: bool,
@@ -220,6 +228,7 @@ fn now_ms() -> i64 {
 /// The service under load: an address, or a node this process started.
 struct Target {
     client: Client,
+    metrics_addr: String,
     node: Option<(feedgraph_server::Node, tempfile::TempDir)>,
 }
 
@@ -227,7 +236,7 @@ impl Target {
     async fn open(args: &TargetArgs, spec: Option<&GraphSpec>) -> anyhow::Result<Self> {
         if !args.embedded {
             let client = scenario::connect(&args.addr, Duration::from_secs(3)).await?;
-            return Ok(Target { client, node: None });
+            return Ok(Target { client, metrics_addr: args.metrics_addr.clone(), node: None });
         }
         let dir = tempfile::tempdir().context("temporary data directory")?;
         let mut config = feedgraph_server::Config {
@@ -258,7 +267,25 @@ impl Target {
         let node = feedgraph_server::start_with(config, shards).await?;
         let client = scenario::connect(&node.grpc_addr().to_string(), Duration::from_secs(3)).await?;
         eprintln!("embedded service on {}", node.grpc_addr());
-        Ok(Target { client, node: Some((node, dir)) })
+        let metrics_addr = node.metrics_addr().to_string();
+        Ok(Target { client, metrics_addr, node: Some((node, dir)) })
+    }
+
+    /// Runs `run_spec` with `call`, reading the service's counters around it.
+    async fn run<F, Fut>(&self, run_spec: RunSpec, call: F) -> Report
+    where
+        F: Fn(u64) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Outcome> + Send + 'static,
+    {
+        let before = scenario::ServiceCounters::scrape(&self.metrics_addr).await;
+        let mut report = engine::run(run_spec, call).await;
+        if let (Some(b), Some(a)) = (before, scenario::ServiceCounters::scrape(&self.metrics_addr).await) {
+            let requests = a.feed_requests.saturating_sub(b.feed_requests);
+            report.service_requests = Some(requests);
+            report.service_cpu_us_per_request =
+                Some((a.cpu_seconds - b.cpu_seconds).max(0.0) * 1e6 / requests.max(1) as f64);
+        }
+        report
     }
 
     async fn close(self) -> anyhow::Result<()> {
@@ -321,25 +348,54 @@ async fn reads(args: ReadArgs, home: bool) -> anyhow::Result<()> {
     let mut reports = Vec::new();
     for run_spec in args.load.specs() {
         let (client, picker, page) = (target.client.clone(), picker.clone(), args.load.page_size);
-        let report = engine::run(run_spec, move |i| {
-            let user = picker.pick(&mut rand_chacha::ChaCha8Rng::seed_from_u64(i));
-            scenario::read_feed(client.clone(), user, home, page)
-        })
-        .await;
+        let ranking = args.load.ranking.clone();
+        let report = target
+            .run(run_spec, move |i| {
+                let user = picker.pick(&mut rand_chacha::ChaCha8Rng::seed_from_u64(i));
+                scenario::read_feed(client.clone(), user, home, page, ranking.clone())
+            })
+            .await;
         reports.push(Report { scenario: name.into(), ..report });
     }
     output(&reports, args.load.json)?;
     if let Some(path) = &args.load.plot {
         let xs: Vec<f64> = reports.iter().map(|r| r.rate).collect();
-        plot(
-            path,
-            &format!("{name} feed: latency against offered load"),
-            "offered rate (requests/s)",
-            &xs,
-            &reports,
-        )?;
+        plot_rates(path, name, &xs, &reports)?;
     }
     target.close().await
+}
+
+/// Throughput and goodput, and latency of the successful requests, against offered
+/// rate: two charts, one above the other.
+fn plot_rates(path: &std::path::Path, name: &str, xs: &[f64], reports: &[Report]) -> anyhow::Result<()> {
+    let series =
+        |name: &str, f: fn(&Report) -> f64| (name.to_string(), reports.iter().map(f).collect::<Vec<f64>>());
+    let rates = feedgraph_loadtest::plot::line_chart(
+        &format!("{name} feed: answers against offered load"),
+        "offered rate (requests/s)",
+        "requests/s",
+        xs,
+        &[
+            series("offered", |r| r.rate),
+            series("throughput (answered)", |r| r.throughput),
+            series("goodput (successful)", |r| r.goodput),
+        ],
+    );
+    let latency = feedgraph_loadtest::plot::line_chart(
+        &format!("{name} feed: latency of successful requests"),
+        "offered rate (requests/s)",
+        "latency (ms)",
+        xs,
+        &[
+            series("p50", |r| r.ok_latency_ms.p50),
+            series("p99", |r| r.ok_latency_ms.p99),
+            series("shed p99", |r| r.shed_latency_ms.p99),
+        ],
+    );
+    let svg = feedgraph_loadtest::plot::stack(&[rates, latency]);
+    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("plot written to {}", path.display());
+    Ok(())
 }
 
 type BoxedOutcome = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>;
@@ -357,31 +413,39 @@ async fn mixed(args: MixedArgs) -> anyhow::Result<()> {
     for run_spec in args.load.specs() {
         let (client, picker, boards, page, wf) =
             (target.client.clone(), picker.clone(), boards.clone(), args.load.page_size, args.write_fraction);
-        let report = engine::run(run_spec, move |i| {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(i);
-            let client = client.clone();
-            if rng.random::<f64>() < wf {
-                let (board, owner) = boards[rng.random_range(0..boards.len())];
-                let pin = PinId::new(first_pin + i)
-                    .zip(feedgraph_model::BoardId::new(board))
-                    .zip(feedgraph_model::UserId::new(owner))
-                    .map(|((id, board), owner)| {
-                        Mutation::UpsertPin(Pin {
-                            id,
-                            owner,
-                            board,
-                            created_at_ms: now_ms(),
-                            topics: TopicId::new(rng.random_range(1..=200)).into_iter().collect(),
-                            signals: PinSignals { quality: rng.random(), saves: 0, clicks: 0, closeups: 0 },
-                        })
-                    });
-                let mutations: Vec<pb::Mutation> = pin.into_iter().map(pb::Mutation::from).collect();
-                return Box::pin(scenario::write(client, mutations, 3)) as BoxedOutcome;
-            }
-            let user = picker.pick(&mut rng);
-            Box::pin(scenario::read_feed(client, user, rng.random::<bool>(), page)) as BoxedOutcome
-        })
-        .await;
+        let ranking = args.load.ranking.clone();
+        let report = target
+            .run(run_spec, move |i| {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(i);
+                let client = client.clone();
+                if rng.random::<f64>() < wf {
+                    let (board, owner) = boards[rng.random_range(0..boards.len())];
+                    let pin = PinId::new(first_pin + i)
+                        .zip(feedgraph_model::BoardId::new(board))
+                        .zip(feedgraph_model::UserId::new(owner))
+                        .map(|((id, board), owner)| {
+                            Mutation::UpsertPin(Pin {
+                                id,
+                                owner,
+                                board,
+                                created_at_ms: now_ms(),
+                                topics: TopicId::new(rng.random_range(1..=200)).into_iter().collect(),
+                                signals: PinSignals {
+                                    quality: rng.random(),
+                                    saves: 0,
+                                    clicks: 0,
+                                    closeups: 0,
+                                },
+                            })
+                        });
+                    let mutations: Vec<pb::Mutation> = pin.into_iter().map(pb::Mutation::from).collect();
+                    return Box::pin(scenario::write(client, mutations, 3)) as BoxedOutcome;
+                }
+                let user = picker.pick(&mut rng);
+                Box::pin(scenario::read_feed(client, user, rng.random::<bool>(), page, ranking.clone()))
+                    as BoxedOutcome
+            })
+            .await;
         reports.push(Report {
             scenario: format!("mixed ({:.0}% writes)", args.write_fraction * 100.0),
             ..report
@@ -406,11 +470,13 @@ async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
         scenario::set_fanout(&target.client, viewer, fanout, spec.users).await?;
         let picker = Arc::new(UserPicker::single(viewer)?);
         let (client, page) = (target.client.clone(), args.load.page_size);
-        let report = engine::run(specs[0], move |i| {
-            let user = picker.pick(&mut rand_chacha::ChaCha8Rng::seed_from_u64(i));
-            scenario::read_feed(client.clone(), user, false, page)
-        })
-        .await;
+        let ranking = args.load.ranking.clone();
+        let report = target
+            .run(specs[0], move |i| {
+                let user = picker.pick(&mut rand_chacha::ChaCha8Rng::seed_from_u64(i));
+                scenario::read_feed(client.clone(), user, false, page, ranking.clone())
+            })
+            .await;
         reports.push(Report { scenario: "fanout-sweep".into(), fanout, ..report });
     }
     output(&reports, args.load.json)?;
