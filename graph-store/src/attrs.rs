@@ -106,19 +106,7 @@ impl BlockBounds {
     }
 
     fn widen(&mut self, h: &HotAttrs) {
-        fn w<T: PartialOrd + Copy>(r: &mut (T, T), v: T) {
-            if v < r.0 {
-                r.0 = v;
-            }
-            if v > r.1 {
-                r.1 = v;
-            }
-        }
-        w(&mut self.quality, h.quality);
-        w(&mut self.saves, h.saves);
-        w(&mut self.clicks, h.clicks);
-        w(&mut self.closeups, h.closeups);
-        w(&mut self.created_at_s, h.created_at_s);
+        *self = self.hull(&BlockBounds::of(h));
     }
 
     /// The bounds of `rows` (`None` when empty).

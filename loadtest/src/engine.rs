@@ -198,7 +198,6 @@ pub struct Report {
 
 impl Report {
     fn from_stats(s: &Stats, duration: Duration) -> Self {
-        let ms = |q: f64| s.latency_us.value_at_quantile(q) as f64 / 1000.0;
         let secs = duration.as_secs_f64().max(1e-9);
         let percentiles = |h: &Histogram<u64>| {
             let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
@@ -225,13 +224,7 @@ impl Report {
             ok_latency_ms: percentiles(&s.ok_latency_us),
             shed_latency_ms: percentiles(&s.shed_latency_us),
             units_per_s: s.units as f64 / secs,
-            latency_ms: Percentiles {
-                p50: ms(0.5),
-                p90: ms(0.9),
-                p99: ms(0.99),
-                p999: ms(0.999),
-                max: s.latency_us.max() as f64 / 1000.0,
-            },
+            latency_ms: percentiles(&s.latency_us),
             recorded: s.latency_us.len(),
             scanned_p50: s.scanned.value_at_quantile(0.5),
             scanned_mean: s.scanned.mean(),

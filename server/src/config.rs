@@ -477,10 +477,7 @@ impl Config {
             ranking_cache_bytes: f.ranking_cache_mb << 20,
             full_scan: f.full_scan,
             admission: AdmissionConfig {
-                in_progress: match f.max_rankings_in_progress {
-                    0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
-                    n => n,
-                },
+                in_progress: f.max_rankings_in_progress,
                 queued: f.max_rankings_queued,
                 queue_wait: Duration::from_millis(f.queue_wait_ms),
             },

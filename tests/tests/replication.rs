@@ -98,6 +98,19 @@ fn random_write(rng: &mut ChaCha8Rng, next_pin: &mut u64) -> Vec<pb::Mutation> {
         .collect()
 }
 
+/// Shard 0 led by `a` at epoch 1 and followed by `b`, with the users and boards of
+/// `setup_writes` and, when `topics` is given, pin 1 with those topics; `b` caught up.
+async fn replicated_pair(first_pin_topics: Option<Vec<u32>>) -> Cluster {
+    let groups: &[Group] = &[("0", "a", &["b"], 1)];
+    let c = Cluster::start(&["a", "b"], 1, groups, |_, _| {}).await;
+    write(&c, "a", setup_writes(), pb::Ack::Async).await.unwrap();
+    if let Some(topics) = first_pin_topics {
+        write(&c, "a", vec![pin(1, 1, 10, NOW, topics, 0.5)], pb::Ack::Async).await.unwrap();
+    }
+    c.caught_up("a", &["b"], 0, CATCH_UP).await;
+    c
+}
+
 async fn write(
     c: &Cluster,
     node: &str,
@@ -325,11 +338,7 @@ async fn found(c: &Cluster, node: &str, pin_id: u64, owner: u64) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_demoted_leader_with_unreplicated_writes_is_rebuilt_not_merged() {
-    let groups: &[Group] = &[("0", "a", &["b"], 1)];
-    let c = Cluster::start(&["a", "b"], 1, groups, |_, _| {}).await;
-    write(&c, "a", setup_writes(), pb::Ack::Async).await.unwrap();
-    write(&c, "a", vec![pin(1, 1, 10, NOW, vec![], 0.5)], pb::Ack::Async).await.unwrap();
-    c.caught_up("a", &["b"], 0, CATCH_UP).await;
+    let c = replicated_pair(Some(vec![])).await;
     // The follower stops replicating; the leader takes writes nobody else has.
     c.transition("b", 0, Role::Offline).await.unwrap();
     for id in 2..=5 {
@@ -475,10 +484,7 @@ async fn semi_sync_on_a_standalone_node_is_refused_before_writing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_leader_that_restarts_steps_down_to_the_newer_epoch() {
-    let groups: &[Group] = &[("0", "a", &["b"], 1)];
-    let mut c = Cluster::start(&["a", "b"], 1, groups, |_, _| {}).await;
-    write(&c, "a", setup_writes(), pb::Ack::Async).await.unwrap();
-    c.caught_up("a", &["b"], 0, CATCH_UP).await;
+    let mut c = replicated_pair(None).await;
     // The leader crashes; the follower is promoted at epoch 2 and written to.
     c.stop("a").await;
     c.transition("b", 0, Role::Leader { epoch: 2 }).await.unwrap();
@@ -506,11 +512,7 @@ async fn a_deposed_leader_that_restarts_steps_down_to_the_newer_epoch() {
 /// `CreateCheckpoint` writes an exact copy under its backups directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_term_has_one_leader() {
-    let groups: &[Group] = &[("0", "a", &["b"], 1)];
-    let mut c = Cluster::start(&["a", "b"], 1, groups, |_, _| {}).await;
-    write(&c, "a", setup_writes(), pb::Ack::Async).await.unwrap();
-    write(&c, "a", vec![pin(1, 1, 10, NOW, vec![2], 0.5)], pb::Ack::Async).await.unwrap();
-    c.caught_up("a", &["b"], 0, CATCH_UP).await;
+    let mut c = replicated_pair(Some(vec![2])).await;
 
     let mut admin = c.admin("a").await;
     for bad in ["../escape", "/tmp/x", "a/b", "..", ""] {
@@ -559,11 +561,7 @@ async fn a_term_has_one_leader() {
 /// itself to copy an empty leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_keeps_its_data_when_its_leader_comes_back_empty() {
-    let groups: &[Group] = &[("0", "a", &["b"], 1)];
-    let mut c = Cluster::start(&["a", "b"], 1, groups, |_, _| {}).await;
-    write(&c, "a", setup_writes(), pb::Ack::Async).await.unwrap();
-    write(&c, "a", vec![pin(1, 1, 10, NOW, vec![], 0.5)], pb::Ack::Async).await.unwrap();
-    c.caught_up("a", &["b"], 0, CATCH_UP).await;
+    let mut c = replicated_pair(Some(vec![])).await;
     let before = c.digest("b", 0).await;
     let follower = c.node("b").replicas().get(0).unwrap();
     let rebuilds = follower.status().rebuilds;
@@ -588,10 +586,7 @@ async fn a_follower_keeps_its_data_when_its_leader_comes_back_empty() {
 /// rebuilt from its leader as soon as it can reach it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_divergence_survives_a_restart_until_the_rebuild() {
-    let groups: &[Group] = &[("0", "a", &["b"], 1)];
-    let mut c = Cluster::start(&["a", "b"], 1, groups, |_, _| {}).await;
-    write(&c, "a", setup_writes(), pb::Ack::Async).await.unwrap();
-    c.caught_up("a", &["b"], 0, CATCH_UP).await;
+    let mut c = replicated_pair(None).await;
     // As the follower loop records a divergence, with the leader down meanwhile.
     c.stop("a").await;
     c.stop("b").await;

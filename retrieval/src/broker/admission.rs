@@ -14,7 +14,7 @@ use crate::{Error, Result};
 /// Bounds on rankings in progress and queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AdmissionConfig {
-    /// Rankings computed at once (each uses one core at a time).
+    /// Rankings computed at once (each uses one core at a time); 0: one per core.
     pub in_progress: usize,
     /// Rankings waiting for a slot; beyond, a request is shed at once.
     pub queued: usize,
@@ -49,8 +49,10 @@ impl Drop for Waiting<'_> {
 }
 
 impl Admission {
-    pub(super) fn new(cfg: AdmissionConfig) -> Self {
-        let cfg = AdmissionConfig { in_progress: cfg.in_progress.max(1), ..cfg };
+    /// `cores` stands for an `in_progress` of 0.
+    pub(super) fn new(cfg: AdmissionConfig, cores: usize) -> Self {
+        let in_progress = if cfg.in_progress == 0 { cores } else { cfg.in_progress };
+        let cfg = AdmissionConfig { in_progress: in_progress.max(1), ..cfg };
         Self {
             slots: Semaphore::new(cfg.in_progress),
             cfg,
@@ -102,7 +104,7 @@ mod tests {
     #[tokio::test]
     async fn sheds_beyond_the_queue_at_once_and_queued_requests_after_the_wait() {
         let long = Duration::from_secs(30);
-        let gate = Admission::new(AdmissionConfig { in_progress: 2, queued: 1, queue_wait: long });
+        let gate = Admission::new(AdmissionConfig { in_progress: 2, queued: 1, queue_wait: long }, 8);
         let a = gate.enter().await.unwrap();
         let _b = gate.enter().await.unwrap();
         assert_eq!(gate.stats().in_progress, 2);
@@ -121,7 +123,7 @@ mod tests {
 
         // With every slot held, a queued request is shed once queue_wait has passed.
         let short = Duration::from_millis(20);
-        let gate = Admission::new(AdmissionConfig { in_progress: 1, queued: 4, queue_wait: short });
+        let gate = Admission::new(AdmissionConfig { in_progress: 1, queued: 4, queue_wait: short }, 8);
         let _held = gate.enter().await.unwrap();
         let started = std::time::Instant::now();
         assert!(matches!(gate.enter().await, Err(Error::Overloaded { .. })));

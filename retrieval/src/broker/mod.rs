@@ -231,9 +231,10 @@ impl Broker {
             .time_to_live(cfg.ranking_ttl)
             .build();
         let written = (0..directory.shard_count()).map(|_| Mutex::new(ReadAfter::default())).collect();
-        let admission = admission::Admission::new(cfg.admission);
-        let lanes = lanes::Lanes::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
-            .map_err(|e| Error::Internal(format!("starting scan lanes: {e}")))?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let admission = admission::Admission::new(cfg.admission, cores);
+        let lanes =
+            lanes::Lanes::new(cores).map_err(|e| Error::Internal(format!("starting scan lanes: {e}")))?;
         Ok(Self {
             shards: directory,
             cfg,
