@@ -3,10 +3,11 @@
 # they are missing. Called by ./dev and .ci/run; safe to run any number of times.
 #   libclang-dev       bindgen, for librocksdb-sys (RocksDB is built from source)
 #   protobuf-compiler  protoc, for etcd-client's build (our own protos use protox)
+#   libprotobuf-dev    the well-known .proto files etcd-client's protos import
 #   etcd-server        started by the cluster tests on 127.0.0.1
 set -euo pipefail
 
-packages=(libclang-dev protobuf-compiler etcd-server)
+packages=(libclang-dev protobuf-compiler libprotobuf-dev etcd-server)
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (rustup) first" >&2

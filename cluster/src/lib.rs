@@ -6,8 +6,9 @@
 //! accepted), the replicas a node holds ([`Replicas`], [`Replica`]), leader → follower
 //! log shipping (a long-poll pull with the log-prefix check; semi-sync
 //! acknowledgements), checkpoint bootstrap (streamed, verified, resumable, swapped in
-//! while other replicas serve), and the `ReplicationService` and `AdminService` every
-//! node serves ([`service`]).
+//! while other replicas serve), the `ReplicationService` and `AdminService` every
+//! node serves ([`service`]), and the cluster manager on etcd ([`manager`]: leases,
+//! controller election, the shard map, failover, drains).
 //!
 //! Invariants:
 //! - A replica never accepts an epoch older than one it accepted; a leader writes only
@@ -23,6 +24,7 @@
 mod checkpoint;
 mod follower;
 mod leader;
+pub mod manager;
 pub mod net;
 pub mod placement;
 mod replica;
@@ -145,6 +147,14 @@ pub enum Error {
     /// The node is shutting down.
     #[error("shutting down")]
     Shutdown,
+
+    /// etcd could not be reached or holds something unexpected.
+    #[error("cluster coordination: {0}")]
+    Coordination(String),
+
+    /// This node's controller lost its election while acting.
+    #[error("no longer the controller")]
+    Deposed,
 
     /// A task died; a bug, not the request's fault.
     #[error("internal: {0}")]

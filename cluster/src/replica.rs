@@ -150,6 +150,12 @@ pub struct ReplicaStatus {
     pub stale_epoch_refusals: u64,
     pub checkpoint_resumes: u64,
     pub semi_sync_timeouts: u64,
+    /// The epoch that wrote `applied_sequence`.
+    pub log_epoch: u64,
+    /// A leader that takes no more writes ([`Replica::fence`]).
+    pub fenced: bool,
+    pub has_data: bool,
+    pub diverged: bool,
 }
 
 /// Where and how a replica lives (everything but its data and role).
@@ -185,6 +191,9 @@ pub struct Replica {
     pub(crate) stats: Stats,
     /// The data holds writes its leader never had: no reads until it is rebuilt.
     diverged: AtomicBool,
+    /// A leader that takes no more writes (its node lost its lease, or a hand-over is
+    /// under way) but still serves its log. Cleared by the next transition.
+    fenced: AtomicBool,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -230,6 +239,7 @@ impl Replica {
             follower: Mutex::new(None),
             stats: Stats::default(),
             diverged: AtomicBool::new(diverged),
+            fenced: AtomicBool::new(false),
             shutdown,
         });
         if let Some(store) = store {
@@ -276,7 +286,7 @@ impl Replica {
         self.store.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn put_store(&self, store: Arc<Shard>) {
+    pub(crate) fn put_store(&self, store: Arc<Shard>) {
         let leader = self.leader.clone();
         store.set_commit_listener(Some(Arc::new(move |seq| leader.on_commit(seq))));
         *self.store.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
@@ -330,6 +340,9 @@ impl Replica {
         if epoch != current {
             return Err(Error::StaleEpoch { shard: self.shard, given: epoch, current });
         }
+        if self.is_fenced() {
+            return Err(Error::NotLeader { shard: self.shard, leader: None, epoch: current });
+        }
         if ack == Ack::SemiSync && current == 0 {
             return Err(Error::Standalone { shard: self.shard });
         }
@@ -348,7 +361,52 @@ impl Replica {
                 waited: self.cfg.semi_sync_timeout,
             });
         }
+        // Fenced while this write was in flight: whoever takes over was chosen from
+        // what followers had applied when the fence went up, so this write may not be
+        // there. It is not acknowledged.
+        if self.is_fenced() {
+            return Err(Error::NotConfirmed {
+                shard: self.shard,
+                epoch,
+                sequence: outcome.sequence,
+                waited: Duration::ZERO,
+            });
+        }
         Ok(outcome)
+    }
+
+    /// Stops this leader taking writes at `epoch` while it keeps serving its log (a
+    /// hand-over: its follower catches up, then is promoted). The next transition
+    /// lifts it.
+    pub async fn fence(&self, epoch: u64) -> Result<ReplicaStatus> {
+        let _serial = self.transitions.lock().await;
+        match self.role() {
+            Role::Leader { epoch: current } if current == epoch => {
+                self.fence_now();
+                // Writes that passed the check before the fence finish under the
+                // writer lock; after it the applied sequence is final.
+                if let Some(store) = self.store() {
+                    blocking(move || Ok(store.log_position())).await?;
+                }
+                Ok(self.status())
+            }
+            Role::Leader { epoch: current } => {
+                Err(Error::StaleEpoch { shard: self.shard, given: epoch, current })
+            }
+            _ => Err(self.not_leader()),
+        }
+    }
+
+    /// Fences a leader at once (its node lost its cluster lease); no-op otherwise.
+    pub fn fence_now(&self) {
+        if matches!(self.role(), Role::Leader { .. }) && !self.fenced.swap(true, Ordering::AcqRel) {
+            self.stats.set_state("fenced");
+            tracing::warn!(shard = self.shard, "leader fenced: no more writes at this epoch");
+        }
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
     }
 
     // ------------------------------------------------------------------ reads
@@ -386,7 +444,7 @@ impl Replica {
         {
             return Err(Error::StaleEpoch { shard: self.shard, given: e, current: current.promised });
         }
-        if current.role == target {
+        if current.role == target && !self.is_fenced() {
             return Ok(self.status());
         }
         if let Role::Leader { epoch } = target
@@ -441,6 +499,7 @@ impl Replica {
             return Err(self.epoch_error(e));
         }
         self.role.lock().unwrap_or_else(|e| e.into_inner()).role = target.clone();
+        self.fenced.store(false, Ordering::Release);
         match target {
             Role::Follower { leader, epoch } => self.start_follower(leader, epoch),
             Role::Offline => self.stats.set_state("offline"),
@@ -600,6 +659,10 @@ impl Replica {
             stale_epoch_refusals: self.stats.stale_refusals.load(Ordering::Relaxed),
             checkpoint_resumes: self.stats.checkpoint_resumes.load(Ordering::Relaxed),
             semi_sync_timeouts: self.stats.semi_sync_timeouts.load(Ordering::Relaxed),
+            log_epoch: store.as_ref().map_or(0, |s| s.epoch_history().epoch_at(applied)),
+            fenced: self.is_fenced(),
+            has_data: store.is_some(),
+            diverged: self.is_diverged(),
         }
     }
 

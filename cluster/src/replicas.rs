@@ -183,6 +183,42 @@ impl Replicas {
         Ok(this)
     }
 
+    /// A node of a managed cluster: it holds what it remembers, and the controller
+    /// tells it the rest. A remembered leader comes back offline (with its data and
+    /// its promise): while it was down another replica may have been made leader, and
+    /// only the controller knows; it re-promotes under a new epoch if not. A follower
+    /// resumes following (its leader's epoch fences it).
+    pub async fn remembered(setup: NodeSetup) -> Result<Arc<Replicas>> {
+        let this = Arc::new(blocking(move || Replicas::new(setup)).await?);
+        for shard in 0..this.shard_count {
+            let paths = ShardPaths::new(&this.data_dir, shard);
+            let (p, opts) = (paths.clone(), (this.options)(shard));
+            let opened = blocking(move || {
+                p.recover()?;
+                let remembered = RoleState::load(&p.state)?;
+                if remembered.is_none() && !p.live.exists() {
+                    return Ok(None);
+                }
+                let store =
+                    if p.live.exists() { Some(Arc::new(Shard::open_replica(&p.live, &opts)?)) } else { None };
+                Ok(Some((remembered, store)))
+            })
+            .await?;
+            let Some((remembered, store)) = opened else { continue };
+            let state = match remembered {
+                Some(RoleState { role: Role::Leader { .. }, promised }) => {
+                    RoleState { role: Role::Offline, promised }
+                }
+                Some(s) => s,
+                None => RoleState { role: Role::Offline, promised: 0 },
+            };
+            let (s, path) = (state.clone(), paths.state.clone());
+            blocking(move || s.store(&path)).await?;
+            this.add(shard, paths, store, state.role, state.promised).await?;
+        }
+        Ok(this)
+    }
+
     async fn add(
         &self,
         shard: u32,
@@ -243,6 +279,19 @@ impl Replicas {
     /// Moves the node's replica of `shard` to `target`; a node without one takes one
     /// (with the data it may still have on disk, else none: a follower bootstraps).
     pub async fn transition(&self, shard: u32, target: Role) -> Result<ReplicaStatus> {
+        self.transition_with(shard, target, false).await
+    }
+
+    /// [`Replicas::transition`]; with `create_empty`, a leader of a new shard that this
+    /// node never held starts it empty. A replica that held the shard (it accepted an
+    /// epoch) and lost its data still refuses: it would lead an empty shard under a
+    /// new lineage.
+    pub async fn transition_with(
+        &self,
+        shard: u32,
+        target: Role,
+        create_empty: bool,
+    ) -> Result<ReplicaStatus> {
         if shard >= self.shard_count {
             return Err(Error::NoReplica { shard });
         }
@@ -263,7 +312,31 @@ impl Replicas {
                 self.add(shard, paths, store, Role::Offline, 0).await?
             }
         };
+        if create_empty
+            && matches!(target, Role::Leader { .. })
+            && replica.store().is_none()
+            && replica.role_state().promised == 0
+        {
+            let (live, opts) = (replica.paths.live.clone(), (self.options)(shard));
+            let store = blocking(move || {
+                if live.exists() {
+                    return Err(Error::Placement(format!("shard {shard}: {} appeared", live.display())));
+                }
+                Ok(Arc::new(Shard::open(&live, &opts)?))
+            })
+            .await?;
+            replica.put_store(store);
+            tracing::info!(shard, "new shard started empty");
+        }
         replica.transition(target).await
+    }
+
+    /// Fences every leader of this node at once: the node lost its cluster lease, and
+    /// another node may be made leader of its shards when the lease expires.
+    pub fn fence_leaders(&self) {
+        for r in self.all() {
+            r.fence_now();
+        }
     }
 
     /// Stops every follower loop and long poll (the node is stopping).

@@ -34,7 +34,11 @@ pub fn status(e: Error) -> Status {
         ),
         Error::Standalone { .. } | Error::NoData { .. } => Status::failed_precondition(msg),
         Error::NoReplica { .. } => Status::not_found(msg),
-        Error::Unreadable { .. } | Error::Shutdown | Error::Remote(_) => Status::unavailable(msg),
+        Error::Unreadable { .. }
+        | Error::Shutdown
+        | Error::Remote(_)
+        | Error::Coordination(_)
+        | Error::Deposed => Status::unavailable(msg),
         Error::Placement(_) => Status::invalid_argument(msg),
         Error::Store(s) => store_status(s),
         Error::Checkpoint(_) | Error::Io { .. } | Error::Internal(_) => {
@@ -246,6 +250,49 @@ pub(crate) fn status_to_proto(s: &ReplicaStatus) -> ipb::ReplicaStatus {
         stale_epoch_refusals: s.stale_epoch_refusals,
         checkpoint_resumes: s.checkpoint_resumes,
         semi_sync_timeouts: s.semi_sync_timeouts,
+        log_epoch: s.log_epoch,
+        fenced: s.fenced,
+        has_data: s.has_data,
+        diverged: s.diverged,
+    }
+}
+
+/// A replica's status from the wire (the controller and the CLI read other nodes').
+pub fn status_from_proto(p: &ipb::ReplicaStatus) -> ReplicaStatus {
+    let role = match ipb::ReplicaRole::try_from(p.role) {
+        Ok(ipb::ReplicaRole::Leader) => Role::Leader { epoch: p.epoch },
+        Ok(ipb::ReplicaRole::Follower) => Role::Follower { leader: p.leader.clone(), epoch: p.epoch },
+        _ => Role::Offline,
+    };
+    ReplicaStatus {
+        shard: p.shard,
+        role,
+        epoch: p.epoch,
+        applied_sequence: p.applied_sequence,
+        pins: p.pins,
+        leader_sequence: p.leader_sequence,
+        lag_sequences: p.lag_sequences,
+        lag_ms: p.lag_ms,
+        applied_bytes_per_sec: p.applied_bytes_per_sec,
+        applied_bytes_total: p.applied_bytes_total,
+        readable: p.readable,
+        state: p.state.clone(),
+        followers: p
+            .followers
+            .iter()
+            .map(|f| {
+                (f.node.clone(), f.applied_sequence, std::time::Duration::from_millis(f.last_seen_ms_ago))
+            })
+            .collect(),
+        wal_gaps: p.wal_gaps,
+        rebuilds: p.rebuilds,
+        stale_epoch_refusals: p.stale_epoch_refusals,
+        checkpoint_resumes: p.checkpoint_resumes,
+        semi_sync_timeouts: p.semi_sync_timeouts,
+        log_epoch: p.log_epoch,
+        fenced: p.fenced,
+        has_data: p.has_data,
+        diverged: p.diverged,
     }
 }
 
@@ -297,8 +344,19 @@ impl ipb::admin_service_server::AdminService for AdminApi {
                 return Err(Status::invalid_argument("target: must be OFFLINE, FOLLOWER or LEADER"));
             }
         };
-        let status = self.replicas.transition(req.shard, target).await.map_err(status)?;
+        let status =
+            self.replicas.transition_with(req.shard, target, req.create_empty).await.map_err(status)?;
         Ok(Response::new(ipb::TransitionReplicaResponse { status: Some(status_to_proto(&status)) }))
+    }
+
+    async fn fence_replica(
+        &self,
+        request: Request<ipb::FenceReplicaRequest>,
+    ) -> Result<Response<ipb::FenceReplicaResponse>, Status> {
+        let req = request.into_inner();
+        let r = replica(&self.replicas, req.shard)?;
+        let status = r.fence(req.epoch).await.map_err(status)?;
+        Ok(Response::new(ipb::FenceReplicaResponse { status: Some(status_to_proto(&status)) }))
     }
 
     async fn create_checkpoint(

@@ -32,6 +32,8 @@ pub struct Config {
     /// (see `docs/placement.example.toml`). Unset: this node holds every shard as a
     /// standalone leader, without replication.
     pub placement: Option<PathBuf>,
+    /// Membership of a cluster managed through etcd (placement, failover, drains).
+    pub cluster: ClusterSettings,
     pub replication: ReplicationSettings,
     pub feed: FeedConfig,
     /// Named light-score expressions; requests choose one by name.
@@ -269,6 +271,46 @@ impl Default for ReplicationSettings {
     }
 }
 
+/// A cluster managed through etcd: the controller places replicas, fails over and
+/// drains; every node is a broker and a candidate for controller.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// etcd to join, `etcd://host:port[,host:port]`. Unset: a standalone node (or the
+    /// hand-written `placement`).
+    pub etcd: Option<String>,
+    /// The cluster's name: its state lives under `/feedgraph/<name>/` in etcd.
+    pub name: String,
+    /// Replicas per shard, leader included (used when the cluster is created).
+    pub replicas: u32,
+    /// The address other nodes and clients reach this node at. Unset: the gRPC
+    /// listen address as bound.
+    pub advertise: Option<String>,
+    /// The node's lease in etcd, in ms (whole seconds, at least 1 s): a dead node's
+    /// shards get new leaders about this long after it died. A node that cannot renew
+    /// it fences its leaders first.
+    pub lease_ttl_ms: u64,
+    /// A follower whose node is gone this long is replaced on another node, in ms (a
+    /// node back sooner catches up from the log instead of copying a checkpoint).
+    pub replace_after_ms: u64,
+    /// Followers bootstrapping from a checkpoint at once on one node.
+    pub max_bootstraps_per_node: usize,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            etcd: None,
+            name: "default".into(),
+            replicas: 3,
+            advertise: None,
+            lease_ttl_ms: 2000,
+            replace_after_ms: 30_000,
+            max_bootstraps_per_node: 2,
+        }
+    }
+}
+
 /// Fault injection for tests and drills. Never set in production.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -296,6 +338,7 @@ impl Default for Config {
             log: "info".into(),
             node_id: "node-1".into(),
             placement: None,
+            cluster: ClusterSettings::default(),
             replication: ReplicationSettings::default(),
             feed: FeedConfig::default(),
             rankings,
@@ -391,6 +434,32 @@ impl Config {
             if p.address(&self.node_id).is_none() {
                 return Err(invalid("node_id", format!("`{}` is not a node of the placement", self.node_id)));
             }
+        }
+        let c = &self.cluster;
+        if let Some(url) = &c.etcd {
+            if self.placement.is_some() {
+                return Err(invalid(
+                    "cluster.etcd",
+                    "set either a placement file or an etcd cluster, not both",
+                ));
+            }
+            feedgraph_cluster::manager::parse_endpoints(url)
+                .map_err(|e| invalid("cluster.etcd", e.to_string()))?;
+        }
+        if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
+            return Err(invalid("cluster.name", "must be non-empty letters, digits, `-`, `_` or `.`"));
+        }
+        if c.replicas == 0 || c.replicas > 9 {
+            return Err(invalid("cluster.replicas", "must be in 1..=9"));
+        }
+        if c.lease_ttl_ms < 1000 || !c.lease_ttl_ms.is_multiple_of(1000) {
+            return Err(invalid(
+                "cluster.lease_ttl_ms",
+                "must be whole seconds, at least 1000 (etcd leases count seconds)",
+            ));
+        }
+        if c.max_bootstraps_per_node == 0 {
+            return Err(invalid("cluster.max_bootstraps_per_node", "must be at least 1"));
         }
         let r = &self.replication;
         for (name, v) in [

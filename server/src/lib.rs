@@ -34,6 +34,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use feedgraph_cluster::manager::{self, Member, MemberConfig};
 use feedgraph_cluster::{NodeSetup, Placement, Replicas};
 use feedgraph_graph_store::Shard;
 use feedgraph_proto::pb;
@@ -42,7 +43,7 @@ use feedgraph_scoring::LocalScorer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use config::{Config, ConfigError, ScorerConfig, ScorerServerConfig};
+pub use config::{ClusterSettings, Config, ConfigError, ScorerConfig, ScorerServerConfig};
 
 /// Why the service could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +164,8 @@ pub struct Node {
     replicas: Arc<Replicas>,
     directory: Arc<routing::ClusterDirectory>,
     scorer_registry: Option<Arc<feedgraph_scoring::Registry>>,
+    /// Membership of an etcd cluster, when the node joined one.
+    member: Option<Member>,
     serving: Serving,
 }
 
@@ -214,6 +217,11 @@ impl Node {
         &self.directory
     }
 
+    /// The node's membership of an etcd cluster (`cluster.etcd`).
+    pub fn member(&self) -> Option<&Member> {
+        self.member.as_ref()
+    }
+
     /// The in-process model registry, when this node serves `scorer.model_dir`.
     pub fn scorer_registry(&self) -> Option<&Arc<feedgraph_scoring::Registry>> {
         self.scorer_registry.as_ref()
@@ -223,7 +231,12 @@ impl Node {
     /// (bounded) until nothing else holds the node's stores, so that a restart on the
     /// same directory can open them.
     pub async fn shutdown(self) -> Result<(), Error> {
-        let Node { broker, replicas, directory, serving, .. } = self;
+        let Node { broker, replicas, directory, serving, member, .. } = self;
+        // Leave the cluster first: the lease is revoked, so the controller moves this
+        // node's leaderships at once instead of after the lease would have expired.
+        if let Some(m) = member {
+            m.stop().await;
+        }
         // Replication first: it ends the followers' long polls this node serves, which
         // the server would otherwise wait for while draining.
         replicas.shutdown().await;
@@ -245,6 +258,9 @@ impl Node {
 /// gRPC (with health and reflection) and metrics.
 pub async fn start(config: Config) -> Result<Node, Error> {
     config.validate()?;
+    if config.cluster.etcd.is_some() {
+        return start_clustered(config).await;
+    }
     match &config.placement {
         None => {
             let cfg = config.clone();
@@ -286,7 +302,26 @@ pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node,
     let grpc_addr = incoming.local_addr().map_err(io("gRPC listener address"))?;
     let memory = shards.first().map_or_else(|| config.store_memory(), |s| s.memory().clone());
     let replicas = Replicas::standalone(node_setup(&config, grpc_addr.to_string(), memory), shards).await?;
-    serve(config, replicas, None, incoming).await
+    serve(config, replicas, Mode::Standalone, incoming).await
+}
+
+/// A node of an etcd cluster: it opens the replicas it remembers (leaders offline
+/// until the controller says otherwise), serves, then joins.
+async fn start_clustered(config: Config) -> Result<Node, Error> {
+    let cfg = config.clone();
+    blocking(move || check_data_dir(&cfg)).await?;
+    let incoming = bind(&config)?;
+    let grpc_addr = incoming.local_addr().map_err(io("gRPC listener address"))?;
+    let address = config.cluster.advertise.clone().unwrap_or_else(|| grpc_addr.to_string());
+    let replicas = Replicas::remembered(node_setup(&config, address, config.store_memory())).await?;
+    serve(config, replicas, Mode::Cluster, incoming).await
+}
+
+/// Where a node's replicas come from.
+enum Mode {
+    Standalone,
+    Placed(Placement),
+    Cluster,
 }
 
 /// A node of a placement: it holds the replicas the placement gives it.
@@ -300,15 +335,19 @@ async fn start_placed(config: Config, placement: Placement) -> Result<Node, Erro
         .to_owned();
     let replicas = Replicas::placed(node_setup(&config, address, config.store_memory()), &placement).await?;
     tracing::info!(node = %config.node_id, replicas = ?replicas.shard_ids(), "replicas placed");
-    serve(config, replicas, Some(placement), incoming).await
+    serve(config, replicas, Mode::Placed(placement), incoming).await
 }
 
 async fn serve(
     config: Config,
     replicas: Arc<Replicas>,
-    placement: Option<Placement>,
+    mode: Mode,
     incoming: tonic::transport::server::TcpIncoming,
 ) -> Result<Node, Error> {
+    let placement = match &mode {
+        Mode::Placed(p) => Some(p),
+        Mode::Standalone | Mode::Cluster => None,
+    };
     let broker_config = config.validate()?;
     let grpc_addr = incoming.local_addr().map_err(io("gRPC listener address"))?;
     let dir = config.data_dir.clone();
@@ -318,7 +357,7 @@ async fn serve(
     let r = &config.replication;
     let directory = Arc::new(routing::ClusterDirectory::new(
         replicas.clone(),
-        placement.as_ref(),
+        placement,
         std::time::Duration::from_millis(r.remote_timeout_ms),
         std::time::Duration::from_millis(r.semi_sync_timeout_ms),
     ));
@@ -407,15 +446,48 @@ async fn serve(
     );
     stops.extend([stop, stop_metrics, stop_refresh]);
     tasks.push(metrics_task);
-    Ok(Node {
-        grpc_addr,
-        metrics_addr,
-        broker,
-        replicas,
-        directory,
-        scorer_registry,
-        serving: Serving { stops, server, tasks },
-    })
+    let serving = Serving { stops, server, tasks };
+    // Joined once serving: the controller calls this node as soon as it registers.
+    let member = match (&mode, &config.cluster.etcd) {
+        (Mode::Cluster, Some(url)) => match join(&config, url, &replicas, &directory, grpc_addr).await {
+            Ok(m) => Some(m),
+            Err(e) => {
+                replicas.shutdown().await;
+                let _ = serving.stop().await;
+                return Err(e);
+            }
+        },
+        _ => None,
+    };
+    Ok(Node { grpc_addr, metrics_addr, broker, replicas, directory, scorer_registry, member, serving })
+}
+
+async fn join(
+    config: &Config,
+    url: &str,
+    replicas: &Arc<Replicas>,
+    directory: &Arc<routing::ClusterDirectory>,
+    grpc_addr: SocketAddr,
+) -> Result<Member, Error> {
+    let c = &config.cluster;
+    let member_config = MemberConfig {
+        endpoints: manager::parse_endpoints(url)?,
+        cluster_name: c.name.clone(),
+        node_id: config.node_id.clone(),
+        address: c.advertise.clone().unwrap_or_else(|| grpc_addr.to_string()),
+        spec: manager::ClusterSpec { shards: config.shards, replicas: c.replicas },
+        lease_ttl: std::time::Duration::from_millis(c.lease_ttl_ms),
+        controller: manager::ControllerConfig {
+            replace_after: std::time::Duration::from_millis(c.replace_after_ms),
+            max_bootstraps_per_node: c.max_bootstraps_per_node,
+            ..manager::ControllerConfig::default()
+        },
+    };
+    let d = directory.clone();
+    let member =
+        Member::join(member_config, replicas.clone(), Arc::new(move |view| d.apply_view(view))).await?;
+    tracing::info!(node = %config.node_id, cluster = %c.name, "joined the etcd cluster");
+    Ok(member)
 }
 
 /// HTTP/2 flow-control windows. The default 64 KiB stream window is smaller than one

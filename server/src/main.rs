@@ -35,6 +35,41 @@ enum Command {
     BulkLoad(BulkLoadArgs),
     /// Shard replicas of running nodes: status, role transitions, checkpoints.
     Shard(ShardArgs),
+    /// An etcd-managed cluster: status (shards × nodes), drains.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Args, Debug)]
+struct ClusterArgs {
+    /// The cluster's etcd, `etcd://host:port[,host:port]`.
+    #[arg(long, env = "FEEDGRAPH_CLUSTER", default_value = "etcd://127.0.0.1:2379")]
+    etcd: String,
+    /// The cluster's name (its keys are under `/feedgraph/<name>/`).
+    #[arg(long, env = "FEEDGRAPH_CLUSTER_NAME", default_value = "default")]
+    name: String,
+    #[command(subcommand)]
+    what: ClusterCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Shards × nodes: each replica's role, applied sequence and lag; the controller;
+    /// live, dead and draining nodes.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move every replica off NODE (leaderships first), before stopping it.
+    Drain {
+        node: String,
+        /// Wait until the node holds no replica (bounded by --timeout-s).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
+    /// End a drain: NODE takes replicas again.
+    Undrain { node: String },
 }
 
 #[derive(Args, Debug)]
@@ -185,9 +220,18 @@ struct ServeArgs {
     /// Log filter, e.g. `info` or `feedgraph=debug`.
     #[arg(long, env = "FEEDGRAPH_LOG")]
     log: Option<String>,
-    /// This node's id in the placement.
+    /// This node's id in the placement or the cluster.
     #[arg(long, env = "FEEDGRAPH_NODE_ID")]
     node_id: Option<String>,
+    /// Join the cluster managed through this etcd: `etcd://host:port[,host:port]`.
+    #[arg(long, env = "FEEDGRAPH_CLUSTER")]
+    cluster: Option<String>,
+    /// Replicas per shard, leader included (when the cluster is created).
+    #[arg(long, env = "FEEDGRAPH_REPLICAS")]
+    replicas: Option<u32>,
+    /// The address other nodes and clients reach this node at (default: --listen).
+    #[arg(long, env = "FEEDGRAPH_ADVERTISE")]
+    advertise: Option<String>,
     /// Placement file: which node holds which replica of which shard (unset: every
     /// shard here, standalone).
     #[arg(long, env = "FEEDGRAPH_PLACEMENT")]
@@ -361,6 +405,7 @@ async fn main() -> std::process::ExitCode {
             tokio::task::spawn_blocking(move || bulk_load(args)).await.unwrap_or_else(|e| Err(e.into()))
         }
         Command::Shard(args) => shard(args).await,
+        Command::Cluster(args) => cluster(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -398,6 +443,20 @@ fn config_of(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = &args.placement {
         config.placement = Some(v.clone());
+    }
+    if let Some(v) = &args.cluster {
+        config.cluster.etcd = Some(v.clone());
+    }
+    if let Some(v) = args.replicas {
+        config.cluster.replicas = v;
+    }
+    if let Some(v) = &args.advertise {
+        config.cluster.advertise = Some(v.clone());
+    }
+    if args.demo && config.cluster.etcd.is_some() {
+        bail!(
+            "--demo serves a standalone node; load a cluster through any node instead (./dev cluster does)"
+        );
     }
     if args.demo && config.placement.is_some() {
         bail!(
@@ -450,7 +509,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if check_or_start_logging(&config, args.check_config, &config.log)? {
         return Ok(());
     }
-    if config.placement.is_some() {
+    if config.placement.is_some() || config.cluster.etcd.is_some() {
         let node = feedgraph_server::start(config.clone()).await?;
         let addr = node.grpc_addr();
         eprintln!(
@@ -979,6 +1038,155 @@ fn role_name(v: i32) -> &'static str {
 
 const MIB: f64 = (1 << 20) as f64;
 
+async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
+    use feedgraph_cluster::Role;
+    use feedgraph_cluster::manager::{self, ClusterStatus, Keys};
+    let mut client = manager::connect(&manager::parse_endpoints(&args.etcd)?).await?;
+    let keys = Keys::new(&args.name);
+    match args.what {
+        ClusterCommand::Status { json } => {
+            let status = ClusterStatus::read(&mut client, &keys).await?;
+            let view = &status.view;
+            let Some(spec) = view.spec else {
+                bail!("no cluster `{}` in etcd at {} (no node has joined it)", args.name, args.etcd);
+            };
+            let report = |node: &str, shard: usize| {
+                status
+                    .reports
+                    .get(node)
+                    .and_then(|r| r.as_ref().ok())
+                    .and_then(|r| r.iter().find(|s| s.shard as usize == shard))
+            };
+            if json {
+                let shards: Vec<serde_json::Value> = view.shards.iter().enumerate().map(|(shard, a)| {
+                    let replicas: Vec<serde_json::Value> = view.members.keys().filter_map(|node| {
+                        let r = report(node, shard)?;
+                        Some(serde_json::json!({
+                            "node": node, "role": r.role.name(), "epoch": r.epoch, "applied_sequence": r.applied_sequence,
+                            "lag_sequences": r.lag_sequences, "lag_ms": r.lag_ms, "readable": r.readable,
+                            "fenced": r.fenced, "state": r.state,
+                        }))
+                    }).collect();
+                    serde_json::json!({"shard": shard, "assignment": a, "replicas": replicas})
+                }).collect();
+                let nodes: Vec<serde_json::Value> = view.members.iter().map(|(n, a)| serde_json::json!({
+                    "node": n, "address": a, "live": view.is_live(n), "draining": view.draining.contains(n),
+                    "answered": status.reports.get(n).is_some_and(|r| r.is_ok()),
+                })).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "cluster": args.name, "shards": spec.shards, "replicas": spec.replicas,
+                        "controller": status.controller, "converged": status.converged(),
+                        "nodes": nodes, "shard_map": shards,
+                    })
+                );
+                return Ok(());
+            }
+            let load = view.load();
+            println!(
+                "cluster `{}`: {} shards × {} replicas; controller {}; {}",
+                args.name,
+                spec.shards,
+                spec.replicas,
+                status.controller.as_deref().unwrap_or("(none elected)"),
+                if status.converged() { "converged" } else { "CONVERGING" }
+            );
+            for (node, address) in &view.members {
+                let (replicas, leaders) = load.get(node.as_str()).copied().unwrap_or((0, 0));
+                let state = match (view.is_live(node), status.reports.get(node)) {
+                    (false, _) => "DEAD".to_owned(),
+                    (true, Some(Err(e))) => format!("live, NOT ANSWERING ({e})"),
+                    (true, _) => "live".to_owned(),
+                };
+                let drain = if view.draining.contains(node) { ", DRAINING" } else { "" };
+                println!("  {node} at {address}: {state}{drain}; {replicas} replicas, {leaders} leaders");
+            }
+            let nodes: Vec<&String> = view.members.keys().collect();
+            let width = 20;
+            print!("\n{:>5}  {:>8}", "shard", "epoch");
+            for n in &nodes {
+                print!("  {:<width$}", n);
+            }
+            println!();
+            for (shard, a) in view.shards.iter().enumerate() {
+                print!("{shard:>5}  {:>8}", a.as_ref().map_or("-".into(), |a| a.epoch.to_string()));
+                for n in &nodes {
+                    let placed = a.as_ref().and_then(|a| {
+                        if a.leader == **n {
+                            Some("leader")
+                        } else if a.followers.contains(n) {
+                            Some("follower")
+                        } else {
+                            None
+                        }
+                    });
+                    let cell = match (placed, report(n, shard)) {
+                        (None, None) => "-".to_owned(),
+                        (_, Some(r)) => {
+                            let mut c = match &r.role {
+                                Role::Leader { .. } => format!("L {}", r.applied_sequence),
+                                Role::Follower { .. } if !r.has_data => "F bootstrapping".to_owned(),
+                                Role::Follower { .. } => {
+                                    format!("F {} -{}", r.applied_sequence, r.lag_sequences)
+                                }
+                                Role::Offline => "offline".to_owned(),
+                            };
+                            if r.fenced {
+                                c.push_str(" FENCED");
+                            }
+                            if placed.is_some_and(|p| p != r.role.name()) || placed.is_none() {
+                                c.push_str(&format!(" (map: {})", placed.unwrap_or("none")));
+                            }
+                            c
+                        }
+                        (Some(p), None) => format!("{p} (no report)"),
+                    };
+                    print!("  {cell:<width$}");
+                }
+                println!();
+            }
+            println!(
+                "\nL = leader, F = follower: applied sequence, then -lag in sequences behind the leader"
+            );
+            Ok(())
+        }
+        ClusterCommand::Drain { node, wait, timeout_s } => {
+            let view = manager::ClusterView::read(&mut client, &keys).await?;
+            if !view.members.contains_key(&node) {
+                bail!(
+                    "no node `{node}` in cluster `{}` (members: {:?})",
+                    args.name,
+                    view.members.keys().collect::<Vec<_>>()
+                );
+            }
+            manager::set_drain(&mut client, &keys, &node, true).await?;
+            println!("draining {node}: its replicas move to other nodes, leaderships first");
+            if wait {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+                loop {
+                    let status = ClusterStatus::read(&mut client, &keys).await?;
+                    let held = status.view.shards.iter().flatten().filter(|a| a.holds(&node)).count();
+                    if held == 0 && status.converged() {
+                        println!("{node} holds no replica; it can be stopped");
+                        break;
+                    }
+                    if std::time::Instant::now() > deadline {
+                        bail!("{node} still holds {held} replicas after {timeout_s} s");
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            }
+            Ok(())
+        }
+        ClusterCommand::Undrain { node } => {
+            manager::set_drain(&mut client, &keys, &node, false).await?;
+            println!("{node} takes replicas again");
+            Ok(())
+        }
+    }
+}
+
 async fn shard(args: ShardArgs) -> anyhow::Result<()> {
     use feedgraph_proto::pb::internal as ipb;
     match args.what {
@@ -1083,6 +1291,7 @@ async fn shard(args: ShardArgs) -> anyhow::Result<()> {
                     target: target as i32,
                     epoch,
                     leader: leader.unwrap_or_default(),
+                    create_empty: false,
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?

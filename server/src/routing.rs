@@ -1,13 +1,15 @@
 //! The node's shard directory, behind the broker's seam: the replicas this node holds
-//! (`cluster::Replicas`) and what it knows of the other nodes' — from the placement,
-//! refreshed by asking every node for its replicas (`ListReplicas`), and corrected at
-//! once when a replica redirects a write.
+//! (`cluster::Replicas`) and what it knows of the other nodes' — in an etcd cluster,
+//! the controller's shard map as the node's watch delivers it; with a placement file,
+//! the placement refreshed by asking every node for its replicas (`ListReplicas`);
+//! either way corrected at once when a replica redirects a write.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use feedgraph_cluster::manager::ClusterView;
 use feedgraph_cluster::{Error as ClusterError, Placement, Replica as ClusterReplica, Replicas, Role};
 use feedgraph_graph_store::{Shard, WriteOutcome};
 use feedgraph_proto::pb::internal as ipb;
@@ -35,6 +37,8 @@ pub fn broker_error(e: ClusterError) -> Error {
         ClusterError::NoReplica { .. }
         | ClusterError::Unreadable { .. }
         | ClusterError::Remote(_)
+        | ClusterError::Coordination(_)
+        | ClusterError::Deposed
         | ClusterError::Shutdown => Error::Unavailable(msg),
         ClusterError::Placement(_)
         | ClusterError::Checkpoint(_)
@@ -175,6 +179,30 @@ impl ClusterDirectory {
         let a = Arc::new(LocalAdapter(self.local.get(shard)?));
         self.locals.write().unwrap_or_else(|e| e.into_inner()).insert(shard, a.clone());
         Some(a)
+    }
+
+    /// Takes the shard map of an etcd cluster (the controller's assignment) as this
+    /// node's view of the other nodes' replicas; replaces the `ListReplicas` polling.
+    pub fn apply_view(&self, cluster: &ClusterView) {
+        let self_id = self.local.node_id();
+        let mut next = vec![Vec::new(); self.local.shard_count() as usize];
+        for (shard, a) in cluster.shards.iter().enumerate() {
+            let (Some(a), Some(entries)) = (a, next.get_mut(shard)) else { continue };
+            let members = std::iter::once((&a.leader, true)).chain(a.followers.iter().map(|f| (f, false)));
+            for (node, leader) in members.filter(|(n, _)| n.as_str() != self_id) {
+                let Some(address) = cluster.address(node) else { continue };
+                if address == self.self_address {
+                    continue;
+                }
+                entries.push(RemoteEntry {
+                    address: address.to_owned(),
+                    leader,
+                    epoch: a.epoch,
+                    reachable: cluster.is_live(node),
+                });
+            }
+        }
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = next;
     }
 
     /// Asks every other node for its replicas every `interval`, until `stop`.

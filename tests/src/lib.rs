@@ -4,8 +4,11 @@
 //! Owns: [`Cluster`], a harness that writes a placement for nodes on free loopback
 //! ports, starts, stops and restarts them on their own data directories, and offers
 //! clients and digests; every test stops what it started (dropping a `Cluster` stops
-//! its nodes' servers with the runtime, and its directories are removed).
+//! its nodes' servers with the runtime, and its directories are removed); and
+//! [`managed::ManagedCluster`], nodes of a cluster managed through a real etcd.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
+
+pub mod managed;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -189,7 +192,13 @@ impl Cluster {
         let r = self
             .admin(id)
             .await
-            .transition_replica(ipb::TransitionReplicaRequest { shard, target: target as i32, epoch, leader })
+            .transition_replica(ipb::TransitionReplicaRequest {
+                shard,
+                target: target as i32,
+                epoch,
+                leader,
+                create_empty: false,
+            })
             .await?;
         Ok(r.into_inner().status.unwrap_or_default())
     }

@@ -1,0 +1,665 @@
+//! The controller: one per cluster (elected through etcd), it drives every shard's
+//! replicas toward the assignment it keeps in etcd.
+//!
+//! Each round reads the cluster state (one range read) and every live node's replica
+//! reports (`ListReplicas`), then per shard, in order: place a new shard; fail over a
+//! leader that died, lost its lease or left its role (the live replica with the
+//! longest log — newest log epoch, then highest applied sequence — under a fresh
+//! epoch); hand a draining leader's shard over (fence it, let the best follower catch
+//! up, promote it); repoint followers; turn strays offline; add a replica where a
+//! shard has fewer than `R` counted members; remove one that is dead past
+//! `replace_after`, draining, or surplus, once every other member is caught up. When
+//! no shard needed anything, one balancing move: leadership, then replicas.
+//!
+//! The assignment is written before the transitions it implies, with a transaction
+//! that only succeeds while this controller still holds the election key, so a
+//! deposed controller changes nothing in etcd; a successor finishes what a dead one
+//! began by reading the map and the reports. Epochs are etcd revisions (of a put to
+//! the epoch key): unique and increasing across controllers, and the fencing token
+//! every replica checks.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use feedgraph_proto::pb::internal as ipb;
+use tonic::transport::Channel;
+
+use super::view::{Assignment, ClusterSpec, ClusterView, Keys};
+use crate::service::status_from_proto;
+use crate::{Error, ReplicaStatus, Result, Role};
+
+/// How the controller paces itself.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// A follower whose node is gone this long is replaced on another node (a node
+    /// back sooner catches up from the log instead of copying a checkpoint).
+    pub replace_after: Duration,
+    /// Followers bootstrapping at once per node (a checkpoint copy is heavy).
+    pub max_bootstraps_per_node: usize,
+    /// Rounds run at least this often (and at once on any change in etcd).
+    pub interval: Duration,
+    /// How long a hand-over waits for the follower to catch up with the fenced leader.
+    pub handover_wait: Duration,
+    /// New shards wait this long for `R` nodes to join before they are placed on
+    /// fewer (a cluster's nodes start one after the other).
+    pub initial_wait: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            replace_after: Duration::from_secs(30),
+            max_bootstraps_per_node: 2,
+            interval: Duration::from_millis(500),
+            handover_wait: Duration::from_secs(3),
+            initial_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Replica reports of the live nodes that answered: node → shard → status.
+type Reports = BTreeMap<String, BTreeMap<u32, ReplicaStatus>>;
+
+pub(crate) struct Controller {
+    client: Client,
+    keys: Keys,
+    /// The election key's name and creation revision: every write is guarded by it.
+    guard: (Vec<u8>, i64),
+    cfg: ControllerConfig,
+    channels: HashMap<String, Channel>,
+    dead_since: HashMap<String, Instant>,
+    /// Shards already warned about having no candidate (until they recover).
+    stuck: HashSet<u32>,
+    started: Instant,
+}
+
+/// What one shard's reconciliation did.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Nothing,
+    Acted,
+}
+
+impl Controller {
+    pub(crate) fn new(client: Client, keys: Keys, guard: (Vec<u8>, i64), cfg: ControllerConfig) -> Self {
+        Self {
+            client,
+            keys,
+            guard,
+            cfg,
+            channels: HashMap::new(),
+            dead_since: HashMap::new(),
+            stuck: HashSet::new(),
+            started: Instant::now(),
+        }
+    }
+
+    /// One round. `Err(Deposed)` when this controller no longer holds the election.
+    pub(crate) async fn round(&mut self) -> Result<()> {
+        let view = ClusterView::read(&mut self.client, &self.keys).await?;
+        let spec = view.spec.ok_or_else(|| Error::Coordination("the cluster has no spec yet".into()))?;
+        let now = Instant::now();
+        for node in view.members.keys() {
+            if view.is_live(node) {
+                self.dead_since.remove(node);
+            } else {
+                self.dead_since.entry(node.clone()).or_insert(now);
+            }
+        }
+        let reports = self.reports(&view).await;
+        let mut acted = false;
+        // New shards, one after the other on the view each placement updates, so that
+        // they spread.
+        let mut view = view;
+        let enough = view.placeable().count() >= spec.replicas as usize;
+        for shard in 0..spec.shards {
+            if view.shards[shard as usize].is_some()
+                || !(enough || self.started.elapsed() >= self.cfg.initial_wait)
+            {
+                continue;
+            }
+            let nodes = place_new(&view, spec.replicas as usize);
+            let Some((leader, followers)) = nodes.split_first() else { break };
+            let a = self.promote(&view, shard, leader, followers.to_vec(), true).await?;
+            view.shards[shard as usize] = Some(a);
+            acted = true;
+        }
+        for shard in 0..spec.shards {
+            if self.reconcile(&view, &reports, spec, shard).await? == Step::Acted {
+                acted = true;
+            }
+        }
+        if !acted {
+            self.balance(&view, &reports).await?;
+        }
+        Ok(())
+    }
+
+    fn channel(&mut self, address: &str) -> Option<Channel> {
+        if let Some(c) = self.channels.get(address) {
+            return Some(c.clone());
+        }
+        let c = crate::net::channel(address).ok()?;
+        self.channels.insert(address.to_owned(), c.clone());
+        Some(c)
+    }
+
+    async fn reports(&mut self, view: &ClusterView) -> Reports {
+        let mut asks = tokio::task::JoinSet::new();
+        for (node, address) in &view.live {
+            let Some(channel) = self.channel(address) else { continue };
+            let node = node.clone();
+            asks.spawn(async move {
+                let mut client = ipb::admin_service_client::AdminServiceClient::new(channel);
+                let mut request = tonic::Request::new(ipb::ListReplicasRequest {});
+                request.set_timeout(Duration::from_secs(1));
+                (node, client.list_replicas(request).await.map(|r| r.into_inner()))
+            });
+        }
+        let mut reports = Reports::new();
+        while let Some(done) = asks.join_next().await {
+            let Ok((node, answer)) = done else { continue };
+            match answer {
+                Ok(list) => {
+                    let statuses = list.replicas.iter().map(|r| (r.shard, status_from_proto(r))).collect();
+                    reports.insert(node, statuses);
+                }
+                Err(e) => tracing::debug!(%node, error = %e.message(), "a live node did not report"),
+            }
+        }
+        reports
+    }
+
+    // ------------------------------------------------------------------ per shard
+
+    async fn reconcile(
+        &mut self,
+        view: &ClusterView,
+        reports: &Reports,
+        spec: ClusterSpec,
+        shard: u32,
+    ) -> Result<Step> {
+        let report = |node: &str| reports.get(node).and_then(|m| m.get(&shard));
+        let Some(a) = view.shards.get(shard as usize).cloned().flatten() else {
+            return Ok(Step::Nothing); // placed by the round
+        };
+        // The leader.
+        if view.is_live(&a.leader) && !reports.contains_key(&a.leader) {
+            return Ok(Step::Nothing); // it holds its lease but did not answer: wait
+        }
+        let leading = report(&a.leader).is_some_and(|r| {
+            r.role == Role::Leader { epoch: a.epoch } && !r.fenced && view.is_live(&a.leader)
+        });
+        if !leading {
+            if let Some(r) = report(&a.leader)
+                && view.is_live(&a.leader)
+                && r.epoch < a.epoch
+            {
+                // Assigned but never told (its controller died between the two).
+                self.transition(view, &a.leader, shard, Role::Leader { epoch: a.epoch }, a.new).await;
+                return Ok(Step::Acted);
+            }
+            return self.fail_over(view, reports, shard, &a).await;
+        }
+        self.stuck.remove(&shard);
+        if a.new {
+            self.write(shard, &Assignment { new: false, ..a.clone() }).await?;
+        }
+        if view.draining.contains(&a.leader) {
+            return self.hand_over(view, reports, shard, &a, None).await;
+        }
+        let Some(leader_address) = view.address(&a.leader).map(str::to_owned) else {
+            return Ok(Step::Nothing);
+        };
+        let mut step = Step::Nothing;
+        // Followers follow the leader at its epoch.
+        let want = Role::Follower { leader: leader_address.clone(), epoch: a.epoch };
+        for f in &a.followers {
+            if view.is_live(f) && reports.contains_key(f) && report(f).map(|r| &r.role) != Some(&want) {
+                self.transition(view, f, shard, want.clone(), false).await;
+                step = Step::Acted;
+            }
+        }
+        // Replicas the map does not name leave.
+        for (node, held) in reports {
+            if !a.holds(node) && held.get(&shard).is_some_and(|r| r.role != Role::Offline) {
+                self.transition(view, node, shard, Role::Offline, false).await;
+                step = Step::Acted;
+            }
+        }
+        if step == Step::Acted {
+            return Ok(step);
+        }
+        // Membership: members that count are live (or not dead for long) and not
+        // draining.
+        let counted = a
+            .members()
+            .filter(|m| !view.draining.contains(*m))
+            .filter(|m| {
+                view.is_live(m)
+                    || self.dead_since.get(*m).is_none_or(|t| t.elapsed() < self.cfg.replace_after)
+            })
+            .count();
+        let wanted = (spec.replicas as usize).min(view.placeable().count()).max(1);
+        if counted < wanted {
+            if let Some(node) = self.addition(view, reports, &a) {
+                let mut next = a.clone();
+                next.followers.push(node.clone());
+                self.write(shard, &next).await?;
+                self.transition(view, &node, shard, want, false).await;
+                return Ok(Step::Acted);
+            }
+            return Ok(Step::Nothing);
+        }
+        let caught_up = |m: &String| {
+            view.is_live(m) && report(m).is_some_and(|r| r.readable && r.has_data && !r.diverged)
+        };
+        let surplus = a.followers.len() + 1 > spec.replicas as usize;
+        let removable = a
+            .followers
+            .iter()
+            .find(|f| {
+                !view.is_live(f)
+                    && self.dead_since.get(*f).is_some_and(|t| t.elapsed() >= self.cfg.replace_after)
+            })
+            .or_else(|| a.followers.iter().find(|f| view.draining.contains(*f)))
+            .or_else(|| if surplus { a.followers.iter().find(|f| !view.is_live(f)) } else { None })
+            .or_else(|| {
+                if !surplus {
+                    return None;
+                }
+                // The follower on the most loaded node.
+                let load = view.load();
+                a.followers.iter().max_by_key(|f| load.get(f.as_str()).map_or(0, |l| l.0))
+            })
+            .cloned();
+        if let Some(gone) = removable {
+            let rest_caught_up =
+                a.members().filter(|m| **m != gone).filter(|m| !view.draining.contains(*m)).all(caught_up);
+            if rest_caught_up {
+                let next = Assignment {
+                    followers: a.followers.iter().filter(|f| **f != gone).cloned().collect(),
+                    ..a.clone()
+                };
+                self.write(shard, &next).await?;
+                if view.is_live(&gone) {
+                    self.transition(view, &gone, shard, Role::Offline, false).await;
+                }
+                tracing::info!(shard, node = %gone, "replica removed from the shard");
+                return Ok(Step::Acted);
+            }
+        }
+        Ok(Step::Nothing)
+    }
+
+    /// A node to take a new follower of `a`: live, not draining, not a member, few
+    /// replicas, not already bootstrapping too many.
+    fn addition(&self, view: &ClusterView, reports: &Reports, a: &Assignment) -> Option<String> {
+        let load = view.load();
+        view.placeable()
+            .filter(|n| !a.holds(n))
+            .filter(|n| {
+                let bootstrapping = reports.get(*n).map_or(usize::MAX, |held| {
+                    held.values().filter(|r| matches!(r.role, Role::Follower { .. }) && !r.has_data).count()
+                });
+                bootstrapping < self.cfg.max_bootstraps_per_node
+            })
+            .min_by_key(|n| (load.get(n.as_str()).map_or(0, |l| l.0), (*n).clone()))
+            .cloned()
+    }
+
+    async fn fail_over(
+        &mut self,
+        view: &ClusterView,
+        reports: &Reports,
+        shard: u32,
+        a: &Assignment,
+    ) -> Result<Step> {
+        let best = a
+            .members()
+            .filter(|m| view.is_live(m))
+            .filter_map(|m| {
+                let r = reports.get(m)?.get(&shard)?;
+                (r.has_data && !r.diverged).then_some((m, r))
+            })
+            .max_by_key(|(m, r)| (r.log_epoch, r.applied_sequence, !view.draining.contains(*m)))
+            .map(|(m, _)| m.clone());
+        let Some(best) = best else {
+            if self.stuck.insert(shard) {
+                tracing::warn!(shard, leader = %a.leader, "the shard has no leader and no live replica with data to promote; waiting");
+            }
+            return Ok(Step::Nothing);
+        };
+        let others: Vec<String> = a.members().filter(|m| **m != best).cloned().collect();
+        tracing::info!(shard, old = %a.leader, new = %best, "failing over");
+        self.promote(view, shard, &best, others, false).await?;
+        Ok(Step::Acted)
+    }
+
+    /// Moves leadership of `a` to a caught-up follower (`to` if given): fences the
+    /// leader, waits for the follower to apply everything it committed, promotes the
+    /// follower with the longest log.
+    async fn hand_over(
+        &mut self,
+        view: &ClusterView,
+        reports: &Reports,
+        shard: u32,
+        a: &Assignment,
+        to: Option<&str>,
+    ) -> Result<Step> {
+        let ready = |f: &&String| {
+            view.is_live(f)
+                && !view.draining.contains(*f)
+                && reports
+                    .get(*f)
+                    .and_then(|m| m.get(&shard))
+                    .is_some_and(|r| r.readable && r.has_data && !r.diverged)
+        };
+        let Some(target) =
+            a.followers.iter().filter(ready).find(|f| to.is_none_or(|t| t == f.as_str())).cloned()
+        else {
+            return Ok(Step::Nothing);
+        };
+        let Some(address) = view.address(&a.leader).map(str::to_owned) else { return Ok(Step::Nothing) };
+        let Some(channel) = self.channel(&address) else { return Ok(Step::Nothing) };
+        let mut admin = ipb::admin_service_client::AdminServiceClient::new(channel);
+        let mut request = tonic::Request::new(ipb::FenceReplicaRequest { shard, epoch: a.epoch });
+        request.set_timeout(Duration::from_secs(5));
+        let fenced = match admin.fence_replica(request).await {
+            Ok(r) => r.into_inner().status.map_or(0, |s| s.applied_sequence),
+            Err(e) => {
+                tracing::warn!(shard, leader = %a.leader, error = %e.message(), "could not fence the leader for a hand-over");
+                return Ok(Step::Nothing);
+            }
+        };
+        // Wait (bounded) for the target to apply what the fenced leader committed.
+        let deadline = Instant::now() + self.cfg.handover_wait;
+        let mut statuses = BTreeMap::new();
+        loop {
+            statuses.clear();
+            for f in a.followers.iter().filter(|f| view.is_live(f)) {
+                if let Some(s) = self.replica_status(view, f, shard).await {
+                    statuses.insert(f.clone(), s);
+                }
+            }
+            if statuses.get(&target).is_some_and(|s| s.applied_sequence >= fenced)
+                || Instant::now() > deadline
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The longest log among the followers (the target, normally): every write
+        // acknowledged before the fence is on some follower, so on this one.
+        let best = statuses
+            .iter()
+            .filter(|(_, s)| s.has_data && !s.diverged)
+            .max_by_key(|(f, s)| {
+                (s.log_epoch, s.applied_sequence, **f == target, !view.draining.contains(*f))
+            })
+            .map(|(f, _)| f.clone())
+            .unwrap_or(target);
+        let others: Vec<String> = a.members().filter(|m| **m != best).cloned().collect();
+        tracing::info!(shard, from = %a.leader, to = %best, "handing leadership over");
+        self.promote(view, shard, &best, others, false).await?;
+        Ok(Step::Acted)
+    }
+
+    async fn replica_status(&mut self, view: &ClusterView, node: &str, shard: u32) -> Option<ReplicaStatus> {
+        let channel = self.channel(view.address(node)?)?;
+        let mut client = ipb::admin_service_client::AdminServiceClient::new(channel);
+        let mut request = tonic::Request::new(ipb::ListReplicasRequest {});
+        request.set_timeout(Duration::from_secs(1));
+        let list = client.list_replicas(request).await.ok()?.into_inner();
+        list.replicas.iter().find(|r| r.shard == shard).map(status_from_proto)
+    }
+
+    /// A fresh epoch, the assignment written, then the leader told, then the
+    /// followers.
+    async fn promote(
+        &mut self,
+        view: &ClusterView,
+        shard: u32,
+        leader: &str,
+        followers: Vec<String>,
+        new: bool,
+    ) -> Result<Assignment> {
+        let epoch = self.new_epoch().await?;
+        let a = Assignment { leader: leader.to_owned(), followers, epoch, new };
+        self.write(shard, &a).await?;
+        if !self.transition(view, leader, shard, Role::Leader { epoch }, new).await {
+            return Ok(a); // the next round sees it and picks again
+        }
+        let Some(address) = view.address(leader).map(str::to_owned) else { return Ok(a) };
+        let mut tells = tokio::task::JoinSet::new();
+        for f in a.followers.iter().filter(|f| view.is_live(f)) {
+            let Some(channel) = view.address(f).and_then(|addr| self.channel(addr)) else { continue };
+            let target = Role::Follower { leader: address.clone(), epoch };
+            let node = f.clone();
+            tells.spawn(async move { (node, transition_rpc(channel, shard, &target, false).await) });
+        }
+        while let Some(done) = tells.join_next().await {
+            if let Ok((node, Err(e))) = done {
+                tracing::warn!(shard, %node, error = %e, "could not repoint a follower");
+            }
+        }
+        Ok(a)
+    }
+
+    /// Tells `node` to take `role` for `shard`; false (logged) when it refused or
+    /// could not be reached.
+    async fn transition(
+        &mut self,
+        view: &ClusterView,
+        node: &str,
+        shard: u32,
+        role: Role,
+        create: bool,
+    ) -> bool {
+        let Some(channel) = view.address(node).and_then(|a| self.channel(a)) else { return false };
+        match transition_rpc(channel, shard, &role, create).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(shard, %node, %role, error = %e, "transition refused or failed");
+                false
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ balance
+
+    /// One balancing move when the cluster is otherwise settled ([`balance_move`]).
+    async fn balance(&mut self, view: &ClusterView, reports: &Reports) -> Result<()> {
+        match balance_move(view) {
+            Some(Move::Leadership { shard, to }) => {
+                if let Some(a) = view.shards[shard as usize].clone() {
+                    self.hand_over(view, reports, shard, &a, Some(to.as_str())).await?;
+                }
+            }
+            Some(Move::Replica { shard, from, to }) => {
+                let bootstrapping = reports.get(&to).map_or(usize::MAX, |held| {
+                    held.values().filter(|r| matches!(r.role, Role::Follower { .. }) && !r.has_data).count()
+                });
+                if bootstrapping >= self.cfg.max_bootstraps_per_node {
+                    return Ok(());
+                }
+                let Some(a) = view.shards[shard as usize].clone() else { return Ok(()) };
+                let Some(leader) = view.address(&a.leader).map(str::to_owned) else { return Ok(()) };
+                let mut next = a.clone();
+                next.followers.push(to.clone());
+                self.write(shard, &next).await?;
+                tracing::info!(shard, %from, %to, "moving a replica");
+                self.transition(view, &to, shard, Role::Follower { leader, epoch: a.epoch }, false).await;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ etcd
+
+    fn guarded(&self, op: TxnOp) -> Txn {
+        Txn::new()
+            .when([Compare::create_revision(self.guard.0.clone(), CompareOp::Equal, self.guard.1)])
+            .and_then([op])
+    }
+
+    /// Writes an assignment, if this controller still holds the election.
+    async fn write(&mut self, shard: u32, a: &Assignment) -> Result<()> {
+        let value = serde_json::to_string(a).map_err(|e| Error::Internal(e.to_string()))?;
+        let txn = self.guarded(TxnOp::put(self.keys.shard(shard), value, None));
+        let answer = self
+            .client
+            .txn(txn)
+            .await
+            .map_err(|e| Error::Coordination(format!("writing shard {shard}: {e}")))?;
+        if !answer.succeeded() {
+            return Err(Error::Deposed);
+        }
+        Ok(())
+    }
+
+    /// A new epoch: the revision of a guarded put.
+    async fn new_epoch(&mut self) -> Result<u64> {
+        let txn = self.guarded(TxnOp::put(self.keys.epoch(), "", None));
+        let answer =
+            self.client.txn(txn).await.map_err(|e| Error::Coordination(format!("new epoch: {e}")))?;
+        if !answer.succeeded() {
+            return Err(Error::Deposed);
+        }
+        let revision = answer.header().map_or(0, |h| h.revision());
+        u64::try_from(revision)
+            .ok()
+            .filter(|r| *r > 0)
+            .ok_or_else(|| Error::Coordination("etcd gave no revision".into()))
+    }
+}
+
+/// `TransitionReplica` with a timeout.
+pub(crate) async fn transition_rpc(
+    channel: Channel,
+    shard: u32,
+    role: &Role,
+    create: bool,
+) -> Result<(), String> {
+    let (target, epoch, leader) = match role {
+        Role::Offline => (ipb::ReplicaRole::Offline, 0, String::new()),
+        Role::Follower { leader, epoch } => (ipb::ReplicaRole::Follower, *epoch, leader.clone()),
+        Role::Leader { epoch } => (ipb::ReplicaRole::Leader, *epoch, String::new()),
+    };
+    let mut client = ipb::admin_service_client::AdminServiceClient::new(channel);
+    let mut request = tonic::Request::new(ipb::TransitionReplicaRequest {
+        shard,
+        target: target as i32,
+        epoch,
+        leader,
+        create_empty: create,
+    });
+    request.set_timeout(Duration::from_secs(10));
+    client.transition_replica(request).await.map(|_| ()).map_err(|e| e.message().to_owned())
+}
+
+/// A balancing move.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Move {
+    /// Hand the shard's leadership to its follower on `to`.
+    Leadership { shard: u32, to: String },
+    /// `to` joins the shard as a follower; the surplus rule then removes `from`'s
+    /// follower once `to` has caught up.
+    Replica { shard: u32, from: String, to: String },
+}
+
+/// The next balancing move, if any: leadership from the node with the most leaders to
+/// a follower on the one with the fewest (when they differ by 2 or more); else a
+/// replica from the node with the most replicas to the one with the fewest.
+pub fn balance_move(view: &ClusterView) -> Option<Move> {
+    let replicas = view.spec?.replicas as usize;
+    let nodes: Vec<&String> = view.placeable().collect();
+    if nodes.len() < 2 || view.shards.iter().any(Option::is_none) {
+        return None;
+    }
+    let load = view.load();
+    let of = |n: &str| load.get(n).copied().unwrap_or((0, 0));
+    let most = nodes.iter().max_by_key(|n| (of(n).1, (**n).clone()))?;
+    let fewest = nodes.iter().min_by_key(|n| (of(n).1, (**n).clone()))?;
+    if of(most).1 >= of(fewest).1 + 2 {
+        let shard = view.shards.iter().enumerate().find_map(|(s, a)| {
+            let a = a.as_ref()?;
+            (a.leader == **most && a.followers.contains(*fewest)).then_some(s as u32)
+        });
+        if let Some(shard) = shard {
+            return Some(Move::Leadership { shard, to: (*fewest).clone() });
+        }
+    }
+    let most = nodes.iter().max_by_key(|n| (of(n).0, (**n).clone()))?;
+    let fewest = nodes.iter().min_by_key(|n| (of(n).0, (**n).clone()))?;
+    if of(most).0 < of(fewest).0 + 2 {
+        return None;
+    }
+    view.shards.iter().enumerate().find_map(|(s, a)| {
+        let a = a.as_ref()?;
+        (a.followers.contains(*most) && !a.holds(fewest) && a.followers.len() + 1 == replicas)
+            .then(|| Move::Replica { shard: s as u32, from: (*most).clone(), to: (*fewest).clone() })
+    })
+}
+
+/// Nodes for a new shard: the `r` placeable nodes with the fewest replicas, the one
+/// with the fewest leaders first.
+pub(crate) fn place_new(view: &ClusterView, r: usize) -> Vec<String> {
+    let load = view.load();
+    let of = |n: &str| load.get(n).copied().unwrap_or((0, 0));
+    let mut nodes: Vec<&String> = view.placeable().collect();
+    nodes.sort_by_key(|n| (of(n).0, of(n).1, (*n).clone()));
+    nodes.truncate(r);
+    nodes.sort_by_key(|n| (of(n).1, of(n).0, (*n).clone()));
+    nodes.into_iter().cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(live: &[&str], shards: Vec<Option<Assignment>>) -> ClusterView {
+        ClusterView {
+            spec: Some(ClusterSpec { shards: shards.len() as u32, replicas: 3 }),
+            live: live.iter().map(|n| (n.to_string(), format!("{n}:1"))).collect(),
+            members: live.iter().map(|n| (n.to_string(), format!("{n}:1"))).collect(),
+            shards,
+            ..ClusterView::default()
+        }
+    }
+
+    #[test]
+    fn new_shards_spread_replicas_and_leaders() {
+        let mut v = view(&["a", "b", "c", "d"], vec![None; 8]);
+        for s in 0..8 {
+            let nodes = place_new(&v, 3);
+            assert_eq!(nodes.len(), 3);
+            let (leader, followers) = nodes.split_first().unwrap();
+            v.shards[s] = Some(Assignment {
+                leader: leader.clone(),
+                followers: followers.to_vec(),
+                epoch: 1,
+                new: true,
+            });
+        }
+        let load = v.load();
+        let replicas: Vec<usize> = load.values().map(|l| l.0).collect();
+        let leaders: Vec<usize> = load.values().map(|l| l.1).collect();
+        assert_eq!(replicas, [6, 6, 6, 6], "{load:?}");
+        assert_eq!(leaders, [2, 2, 2, 2], "{load:?}");
+        for a in v.shards.iter().flatten() {
+            let distinct: std::collections::BTreeSet<_> = a.members().collect();
+            assert_eq!(distinct.len(), 3);
+        }
+    }
+
+    #[test]
+    fn draining_and_dead_nodes_take_no_new_shards() {
+        let mut v = view(&["a", "b", "c"], vec![None]);
+        v.draining.insert("b".into());
+        v.members.insert("z".into(), "z:1".into());
+        assert_eq!(place_new(&v, 3), ["a", "c"]);
+    }
+}
