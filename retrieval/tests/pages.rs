@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use feedgraph_graph_store::{Shard, ShardOptions};
@@ -85,15 +85,22 @@ async fn a_first_page_is_exactly_its_snapshot_while_pins_arrive() {
         .collect();
     shard_for(VIEWER).write(&follows, Durability::Buffered).unwrap();
 
-    // Pins keep arriving (a bounded number); the newest rank first.
+    // Pins keep arriving (a bounded number); the newest rank first. The writer stays
+    // at most 100 pins per compared page ahead of the reader, so that pins arrive
+    // during every comparison however the two threads are scheduled.
     let stop = Arc::new(AtomicBool::new(false));
+    let allowance = Arc::new(AtomicU64::new(100));
     let writer = {
-        let (shards, stop) = (shards.clone(), stop.clone());
+        let (shards, stop, allowance) = (shards.clone(), stop.clone(), allowance.clone());
         std::thread::spawn(move || {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
                 as i64;
             let mut id = 1u64;
             while !stop.load(Ordering::Relaxed) && id <= 30_000 {
+                if id > allowance.load(Ordering::Acquire) {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                    continue;
+                }
                 let o = 1 + id % 6;
                 let pin = Pin {
                     id: PinId::new(id).unwrap(),
@@ -113,7 +120,7 @@ async fn a_first_page_is_exactly_its_snapshot_while_pins_arrive() {
     let first = Broker::new(shards.clone(), config(), KEY).unwrap();
     let codec = CursorCodec::new(KEY);
     let mut compared = 0;
-    while compared < 300 && !writer.is_finished() {
+    while compared < 60 && !writer.is_finished() {
         let page = first.feed(FeedKind::Following, &request(None)).await.unwrap();
         let Some(next) = page.next_cursor.clone() else { continue };
         // Another broker (no cached ranking) recomputes page 0 from the snapshot.
@@ -122,6 +129,7 @@ async fn a_first_page_is_exactly_its_snapshot_while_pins_arrive() {
         let recomputed = again.feed(FeedKind::Following, &request(Some(page0))).await.unwrap();
         assert_eq!(ids(&page), ids(&recomputed), "a first page differs from its own snapshot");
         compared += 1;
+        allowance.fetch_add(100, Ordering::Release);
     }
     stop.store(true, Ordering::Relaxed);
     let written = writer.join().unwrap();
