@@ -205,15 +205,17 @@ impl Replicas {
             })
             .await?;
             let Some((remembered, store)) = opened else { continue };
-            let state = match remembered {
+            let state = match &remembered {
                 Some(RoleState { role: Role::Leader { .. }, promised }) => {
-                    RoleState { role: Role::Offline, promised }
+                    RoleState { role: Role::Offline, promised: *promised }
                 }
-                Some(s) => s,
+                Some(s) => s.clone(),
                 None => RoleState { role: Role::Offline, promised: 0 },
             };
-            let (s, path) = (state.clone(), paths.state.clone());
-            blocking(move || s.store(&path)).await?;
+            if remembered.as_ref() != Some(&state) {
+                let (s, path) = (state.clone(), paths.state.clone());
+                blocking(move || s.store(&path)).await?;
+            }
             this.add(shard, paths, store, state.role, state.promised).await?;
         }
         Ok(this)

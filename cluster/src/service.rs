@@ -257,6 +257,28 @@ pub(crate) fn status_to_proto(s: &ReplicaStatus) -> ipb::ReplicaStatus {
     }
 }
 
+/// Asks the node behind `channel` for the status of its replicas, within `timeout`.
+pub async fn list_replicas(
+    channel: tonic::transport::Channel,
+    timeout: std::time::Duration,
+) -> Result<Vec<ReplicaStatus>, Status> {
+    let mut client = ipb::admin_service_client::AdminServiceClient::new(channel);
+    let mut request = Request::new(ipb::ListReplicasRequest {});
+    request.set_timeout(timeout);
+    let list = client.list_replicas(request).await?.into_inner();
+    Ok(list.replicas.iter().map(status_from_proto).collect())
+}
+
+/// The `TransitionReplica` request that moves a node's replica of `shard` to `role`.
+pub fn transition_request(shard: u32, role: &Role, create_empty: bool) -> ipb::TransitionReplicaRequest {
+    let (target, epoch, leader) = match role {
+        Role::Offline => (ipb::ReplicaRole::Offline, 0, String::new()),
+        Role::Follower { leader, epoch } => (ipb::ReplicaRole::Follower, *epoch, leader.clone()),
+        Role::Leader { epoch } => (ipb::ReplicaRole::Leader, *epoch, String::new()),
+    };
+    ipb::TransitionReplicaRequest { shard, target: target as i32, epoch, leader, create_empty }
+}
+
 /// A replica's status from the wire (the controller and the CLI read other nodes').
 pub fn status_from_proto(p: &ipb::ReplicaStatus) -> ReplicaStatus {
     let role = match ipb::ReplicaRole::try_from(p.role) {

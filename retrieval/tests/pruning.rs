@@ -87,22 +87,13 @@ fn listing(pages: &[FeedPage]) -> Vec<Vec<(u64, u64)>> {
 async fn pruned_rankings_equal_the_full_scan() {
     let dir = tempfile::tempdir().unwrap();
     let g = generate(&GraphSpec { users: 2_000, boards: 10_000, pins: 200_000, ..GraphSpec::demo(NOW_MS) });
-    let mut loads: Vec<BulkLoad> = (0..SHARDS).map(|_| BulkLoad::default()).collect();
     let mut follow_counts: HashMap<u64, usize> = HashMap::new();
-    for u in g.users {
-        loads[shard_of(u.id, SHARDS) as usize].users.push(u);
-    }
-    for b in g.boards {
-        loads[shard_of(b.owner, SHARDS) as usize].boards.push(b);
+    for (follower, _) in &g.follows {
+        *follow_counts.entry(follower.get()).or_default() += 1;
     }
     let refs: Vec<PinRef> = g.pins.iter().map(|p| PinRef { pin: p.id, owner: p.owner }).collect();
-    for p in g.pins {
-        loads[shard_of(p.owner, SHARDS) as usize].pins.push(p);
-    }
-    for (follower, target) in g.follows {
-        *follow_counts.entry(follower.get()).or_default() += 1;
-        loads[shard_of(follower, SHARDS) as usize].follows.push((follower, target));
-    }
+    let loads = BulkLoad { users: g.users, boards: g.boards, pins: g.pins, follows: g.follows }
+        .split_by_shard(SHARDS);
     let shards: Vec<Arc<Shard>> = loads
         .into_iter()
         .enumerate()

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use feedgraph_graph_store::{BulkLoad, Shard};
 use feedgraph_loadtest::{Graph, GraphSpec, generate};
-use feedgraph_model::{FollowTarget, UserId, shard_of};
+use feedgraph_model::{FollowTarget, UserId};
 
 use crate::Error;
 
@@ -62,20 +62,8 @@ pub struct DemoInfo {
 /// A generated graph cut into one bulk load per shard: each user, board, pin and follow
 /// on its owner's shard.
 pub fn split_by_shard(graph: Graph, shards: u32) -> Vec<BulkLoad> {
-    let mut loads: Vec<BulkLoad> = (0..shards).map(|_| BulkLoad::default()).collect();
-    for u in graph.users {
-        loads[shard_of(u.id, shards) as usize].users.push(u);
-    }
-    for b in graph.boards {
-        loads[shard_of(b.owner, shards) as usize].boards.push(b);
-    }
-    for p in graph.pins {
-        loads[shard_of(p.owner, shards) as usize].pins.push(p);
-    }
-    for (follower, target) in graph.follows {
-        loads[shard_of(follower, shards) as usize].follows.push((follower, target));
-    }
-    loads
+    BulkLoad { users: graph.users, boards: graph.boards, pins: graph.pins, follows: graph.follows }
+        .split_by_shard(shards)
 }
 
 /// Loads the demo graph into `shards` unless `data_dir` says it is already there.

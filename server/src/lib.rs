@@ -449,7 +449,7 @@ async fn serve(
     let serving = Serving { stops, server, tasks };
     // Joined once serving: the controller calls this node as soon as it registers.
     let member = match (&mode, &config.cluster.etcd) {
-        (Mode::Cluster, Some(url)) => match join(&config, url, &replicas, &directory, grpc_addr).await {
+        (Mode::Cluster, Some(url)) => match join(&config, url, &replicas, &directory).await {
             Ok(m) => Some(m),
             Err(e) => {
                 replicas.shutdown().await;
@@ -467,14 +467,13 @@ async fn join(
     url: &str,
     replicas: &Arc<Replicas>,
     directory: &Arc<routing::ClusterDirectory>,
-    grpc_addr: SocketAddr,
 ) -> Result<Member, Error> {
     let c = &config.cluster;
     let member_config = MemberConfig {
         endpoints: manager::parse_endpoints(url)?,
         cluster_name: c.name.clone(),
         node_id: config.node_id.clone(),
-        address: c.advertise.clone().unwrap_or_else(|| grpc_addr.to_string()),
+        address: replicas.address().to_owned(),
         spec: manager::ClusterSpec { shards: config.shards, replicas: c.replicas },
         lease_ttl: std::time::Duration::from_millis(c.lease_ttl_ms),
         controller: manager::ControllerConfig {

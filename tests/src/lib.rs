@@ -40,6 +40,29 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
+/// A test node's configuration: data under `<root>/<id>` (created, with the cursor
+/// key every test node shares, so that a cursor works on every broker), gRPC on
+/// `listen`, metrics on a free port, small memory, short polls, no per-owner caps.
+pub fn node_config(root: &Path, id: &str, listen: &str, shards: u32) -> Config {
+    let data_dir = root.join(id);
+    std::fs::create_dir_all(&data_dir).unwrap();
+    std::fs::write(data_dir.join("cursor.key"), [7u8; 32]).unwrap();
+    let mut c = Config {
+        data_dir,
+        listen: listen.parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        shards,
+        node_id: id.to_owned(),
+        ..Config::default()
+    };
+    c.store.block_cache_mb = 16;
+    c.store.write_buffers_total_mb = 64;
+    c.replication.poll_wait_ms = 200;
+    c.feed.max_per_owner = 1000;
+    c.feed.max_per_board = 1000;
+    c
+}
+
 /// One group of shards in a placement: (shards, leader, followers, epoch).
 pub type Group<'a> = (&'a str, &'a str, &'a [&'a str], u64);
 
@@ -68,28 +91,11 @@ impl Cluster {
             ids.iter().zip(ports).map(|(id, p)| (id.to_string(), format!("127.0.0.1:{p}"))).collect();
         let placement = dir.path().join("placement.toml");
         write_placement(&placement, shards, &addresses, groups);
-        // One cursor key for all, so that a cursor works on every broker.
-        let key = [7u8; 32];
         let mut configs = BTreeMap::new();
         for (id, a) in &addresses {
-            let data_dir = dir.path().join(id);
-            std::fs::create_dir_all(&data_dir).unwrap();
-            std::fs::write(data_dir.join("cursor.key"), key).unwrap();
-            let mut c = Config {
-                data_dir,
-                listen: a.parse().unwrap(),
-                metrics_listen: "127.0.0.1:0".parse().unwrap(),
-                shards,
-                node_id: id.clone(),
-                placement: Some(placement.clone()),
-                ..Config::default()
-            };
-            c.store.block_cache_mb = 16;
-            c.store.write_buffers_total_mb = 64;
-            c.replication.poll_wait_ms = 200;
+            let mut c = node_config(dir.path(), id, a, shards);
+            c.placement = Some(placement.clone());
             c.replication.map_refresh_ms = 200;
-            c.feed.max_per_owner = 1000;
-            c.feed.max_per_board = 1000;
             tweak(id, &mut c);
             configs.insert(id.clone(), c);
         }
@@ -184,21 +190,10 @@ impl Cluster {
         shard: u32,
         role: Role,
     ) -> Result<ipb::ReplicaStatus, tonic::Status> {
-        let (target, epoch, leader) = match role {
-            Role::Offline => (ipb::ReplicaRole::Offline, 0, String::new()),
-            Role::Follower { leader, epoch } => (ipb::ReplicaRole::Follower, epoch, leader),
-            Role::Leader { epoch } => (ipb::ReplicaRole::Leader, epoch, String::new()),
-        };
         let r = self
             .admin(id)
             .await
-            .transition_replica(ipb::TransitionReplicaRequest {
-                shard,
-                target: target as i32,
-                epoch,
-                leader,
-                create_empty: false,
-            })
+            .transition_replica(feedgraph_cluster::service::transition_request(shard, &role, false))
             .await?;
         Ok(r.into_inner().status.unwrap_or_default())
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use feedgraph_cluster::manager::{self, ClusterStatus, Keys};
 use feedgraph_server::{Config, Node};
 
-use crate::free_ports;
+use crate::{free_ports, node_config};
 
 /// etcd on 127.0.0.1, stopped on drop.
 pub struct Etcd {
@@ -106,26 +106,10 @@ impl ManagedCluster {
 
     /// Configures and starts a new node `id`.
     pub fn add(&mut self, id: &str, replicas: u32, tweak: &impl Fn(&str, &mut Config)) {
-        let port = free_ports(1)[0];
-        let data_dir = self.dir.path().join(id);
-        std::fs::create_dir_all(&data_dir).unwrap();
-        // One cursor key for all, so that a cursor works on every broker.
-        std::fs::write(data_dir.join("cursor.key"), [7u8; 32]).unwrap();
-        let mut c = Config {
-            data_dir,
-            listen: format!("127.0.0.1:{port}").parse().unwrap(),
-            metrics_listen: "127.0.0.1:0".parse().unwrap(),
-            shards: self.shards,
-            node_id: id.to_owned(),
-            ..Config::default()
-        };
+        let listen = format!("127.0.0.1:{}", free_ports(1)[0]);
+        let mut c = node_config(self.dir.path(), id, &listen, self.shards);
         c.cluster.etcd = Some(self.etcd.url());
         c.cluster.replicas = replicas;
-        c.store.block_cache_mb = 16;
-        c.store.write_buffers_total_mb = 64;
-        c.replication.poll_wait_ms = 200;
-        c.feed.max_per_owner = 1000;
-        c.feed.max_per_board = 1000;
         tweak(id, &mut c);
         self.configs.insert(id.to_owned(), c);
         self.start_node(id);
@@ -207,15 +191,26 @@ impl ManagedCluster {
     }
 
     /// Waits until every shard has its leader and followers in their assigned roles,
-    /// readable; panics after `timeout` with the last status.
+    /// readable, and no balancing move is left; panics after `timeout`.
     pub async fn converged(&self, timeout: Duration) -> ClusterStatus {
+        self.wait_for(timeout, "converged", ClusterStatus::converged).await
+    }
+
+    /// Waits until the cluster's status satisfies `cond` (named `what` in the panic
+    /// after `timeout`, with the last shard map).
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        cond: impl Fn(&ClusterStatus) -> bool,
+    ) -> ClusterStatus {
         let deadline = Instant::now() + timeout;
         loop {
             let s = self.status().await;
-            if s.converged() {
+            if cond(&s) {
                 return s;
             }
-            assert!(Instant::now() < deadline, "not converged after {timeout:?}: {:#?}", s.view);
+            assert!(Instant::now() < deadline, "not {what} after {timeout:?}: {:#?}", s.view);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

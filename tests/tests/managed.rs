@@ -336,23 +336,15 @@ fn nodes_join_and_drain_while_feeds_are_read() {
     // A fourth node: the controller moves replicas to it (8 × 3 over 4 nodes: 6 each).
     cluster.add("d", 3, &|_, _| {});
     let started = Instant::now();
-    loop {
-        let status = rt.block_on(cluster.status());
-        if status.converged() && replicas_of(&status, "d") >= 5 {
-            eprintln!(
-                "node d holds {} replicas after {:.1} s",
-                replicas_of(&status, "d"),
-                started.elapsed().as_secs_f64()
-            );
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "d holds {} replicas",
-            replicas_of(&status, "d")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let status = rt
+        .block_on(cluster.wait_for(Duration::from_secs(120), "spread to d", |s| {
+            s.converged() && replicas_of(s, "d") >= 5
+        }));
+    eprintln!(
+        "node d holds {} replicas after {:.1} s",
+        replicas_of(&status, "d"),
+        started.elapsed().as_secs_f64()
+    );
     // Drain a, then stop it.
     rt.block_on(async {
         let mut client =
@@ -360,21 +352,13 @@ fn nodes_join_and_drain_while_feeds_are_read() {
         feedgraph_cluster::manager::set_drain(&mut client, &cluster.keys(), "a", true).await.unwrap();
     });
     let started = Instant::now();
-    loop {
-        let status = rt.block_on(cluster.status());
-        if status.converged() && replicas_of(&status, "a") == 0 {
-            eprintln!("node a drained after {:.1} s", started.elapsed().as_secs_f64());
-            for (s, a) in status.view.shards.iter().enumerate() {
-                assert_eq!(a.as_ref().unwrap().members().count(), 3, "shard {s}");
-            }
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "a still holds {} replicas",
-            replicas_of(&status, "a")
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    let status =
+        rt.block_on(cluster.wait_for(Duration::from_secs(120), "drained of a", |s| {
+            s.converged() && replicas_of(s, "a") == 0
+        }));
+    eprintln!("node a drained after {:.1} s", started.elapsed().as_secs_f64());
+    for (s, a) in status.view.shards.iter().enumerate() {
+        assert_eq!(a.as_ref().unwrap().members().count(), 3, "shard {s}");
     }
     cluster.stop("a");
     std::thread::sleep(Duration::from_millis(500));

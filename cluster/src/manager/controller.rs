@@ -26,7 +26,7 @@ use feedgraph_proto::pb::internal as ipb;
 use tonic::transport::Channel;
 
 use super::view::{Assignment, ClusterSpec, ClusterView, Keys};
-use crate::service::status_from_proto;
+use crate::service::{list_replicas, transition_request};
 use crate::{Error, ReplicaStatus, Result, Role};
 
 /// How the controller paces itself.
@@ -57,6 +57,9 @@ impl Default for ControllerConfig {
         }
     }
 }
+
+/// How long a node has to report its replicas.
+pub(crate) const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Replica reports of the live nodes that answered: node → shard → status.
 type Reports = BTreeMap<String, BTreeMap<u32, ReplicaStatus>>;
@@ -150,20 +153,14 @@ impl Controller {
         for (node, address) in &view.live {
             let Some(channel) = self.channel(address) else { continue };
             let node = node.clone();
-            asks.spawn(async move {
-                let mut client = ipb::admin_service_client::AdminServiceClient::new(channel);
-                let mut request = tonic::Request::new(ipb::ListReplicasRequest {});
-                request.set_timeout(Duration::from_secs(1));
-                (node, client.list_replicas(request).await.map(|r| r.into_inner()))
-            });
+            asks.spawn(async move { (node, list_replicas(channel, REPORT_TIMEOUT).await) });
         }
         let mut reports = Reports::new();
         while let Some(done) = asks.join_next().await {
             let Ok((node, answer)) = done else { continue };
             match answer {
-                Ok(list) => {
-                    let statuses = list.replicas.iter().map(|r| (r.shard, status_from_proto(r))).collect();
-                    reports.insert(node, statuses);
+                Ok(statuses) => {
+                    reports.insert(node, statuses.into_iter().map(|r| (r.shard, r)).collect());
                 }
                 Err(e) => tracing::debug!(%node, error = %e.message(), "a live node did not report"),
             }
@@ -299,12 +296,7 @@ impl Controller {
         let load = view.load();
         view.placeable()
             .filter(|n| !a.holds(n))
-            .filter(|n| {
-                let bootstrapping = reports.get(*n).map_or(usize::MAX, |held| {
-                    held.values().filter(|r| matches!(r.role, Role::Follower { .. }) && !r.has_data).count()
-                });
-                bootstrapping < self.cfg.max_bootstraps_per_node
-            })
+            .filter(|n| bootstrapping(reports, n) < self.cfg.max_bootstraps_per_node)
             .min_by_key(|n| (load.get(n.as_str()).map_or(0, |l| l.0), (*n).clone()))
             .cloned()
     }
@@ -408,11 +400,7 @@ impl Controller {
 
     async fn replica_status(&mut self, view: &ClusterView, node: &str, shard: u32) -> Option<ReplicaStatus> {
         let channel = self.channel(view.address(node)?)?;
-        let mut client = ipb::admin_service_client::AdminServiceClient::new(channel);
-        let mut request = tonic::Request::new(ipb::ListReplicasRequest {});
-        request.set_timeout(Duration::from_secs(1));
-        let list = client.list_replicas(request).await.ok()?.into_inner();
-        list.replicas.iter().find(|r| r.shard == shard).map(status_from_proto)
+        list_replicas(channel, REPORT_TIMEOUT).await.ok()?.into_iter().find(|r| r.shard == shard)
     }
 
     /// A fresh epoch, the assignment written, then the leader told, then the
@@ -478,10 +466,7 @@ impl Controller {
                 }
             }
             Some(Move::Replica { shard, from, to }) => {
-                let bootstrapping = reports.get(&to).map_or(usize::MAX, |held| {
-                    held.values().filter(|r| matches!(r.role, Role::Follower { .. }) && !r.has_data).count()
-                });
-                if bootstrapping >= self.cfg.max_bootstraps_per_node {
+                if bootstrapping(reports, &to) >= self.cfg.max_bootstraps_per_node {
                     return Ok(());
                 }
                 let Some(a) = view.shards[shard as usize].clone() else { return Ok(()) };
@@ -543,21 +528,18 @@ pub(crate) async fn transition_rpc(
     role: &Role,
     create: bool,
 ) -> Result<(), String> {
-    let (target, epoch, leader) = match role {
-        Role::Offline => (ipb::ReplicaRole::Offline, 0, String::new()),
-        Role::Follower { leader, epoch } => (ipb::ReplicaRole::Follower, *epoch, leader.clone()),
-        Role::Leader { epoch } => (ipb::ReplicaRole::Leader, *epoch, String::new()),
-    };
     let mut client = ipb::admin_service_client::AdminServiceClient::new(channel);
-    let mut request = tonic::Request::new(ipb::TransitionReplicaRequest {
-        shard,
-        target: target as i32,
-        epoch,
-        leader,
-        create_empty: create,
-    });
+    let mut request = tonic::Request::new(transition_request(shard, role, create));
     request.set_timeout(Duration::from_secs(10));
     client.transition_replica(request).await.map(|_| ()).map_err(|e| e.message().to_owned())
+}
+
+/// Followers of `node` still bootstrapping (no data yet), by its report; unknown
+/// (a node that did not report) counts as full.
+fn bootstrapping(reports: &Reports, node: &str) -> usize {
+    reports.get(node).map_or(usize::MAX, |held| {
+        held.values().filter(|r| matches!(r.role, Role::Follower { .. }) && !r.has_data).count()
+    })
 }
 
 /// A balancing move.

@@ -250,13 +250,12 @@ async fn watch_state(
             continue;
         }
         match ClusterView::read(&mut client, &keys).await {
-            Ok(v) => {
+            Ok(v) if *view.borrow() != v => {
+                on_view(&v);
+                view.send_replace(v);
                 wake.notify_one();
-                if *view.borrow() != v {
-                    on_view(&v);
-                    view.send_replace(v);
-                }
             }
+            Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "reading the cluster state failed"),
         }
     }
@@ -351,17 +350,12 @@ impl ClusterStatus {
         for (node, address) in &view.live {
             let (node, address) = (node.clone(), address.clone());
             asks.spawn(async move {
-                let answer = async {
-                    let channel = crate::net::channel(&address).map_err(|e| e.to_string())?;
-                    let mut client =
-                        feedgraph_proto::pb::internal::admin_service_client::AdminServiceClient::new(channel);
-                    let mut request =
-                        tonic::Request::new(feedgraph_proto::pb::internal::ListReplicasRequest {});
-                    request.set_timeout(Duration::from_secs(1));
-                    let list = client.list_replicas(request).await.map_err(|s| s.message().to_owned())?;
-                    Ok(list.into_inner().replicas.iter().map(crate::service::status_from_proto).collect())
-                }
-                .await;
+                let answer = match crate::net::channel(&address) {
+                    Ok(channel) => crate::service::list_replicas(channel, super::controller::REPORT_TIMEOUT)
+                        .await
+                        .map_err(|s| s.message().to_owned()),
+                    Err(e) => Err(e.to_string()),
+                };
                 (node, answer)
             });
         }

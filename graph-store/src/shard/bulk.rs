@@ -25,6 +25,28 @@ pub struct BulkLoad {
     pub follows: Vec<(UserId, FollowTarget)>,
 }
 
+impl BulkLoad {
+    /// Cuts the load into one per shard of `shards`: each user, board, pin and follow
+    /// on its owner's shard (`feedgraph_model::shard_of`).
+    pub fn split_by_shard(self, shards: u32) -> Vec<BulkLoad> {
+        use feedgraph_model::shard_of;
+        let mut loads: Vec<BulkLoad> = (0..shards).map(|_| BulkLoad::default()).collect();
+        for u in self.users {
+            loads[shard_of(u.id, shards) as usize].users.push(u);
+        }
+        for b in self.boards {
+            loads[shard_of(b.owner, shards) as usize].boards.push(b);
+        }
+        for p in self.pins {
+            loads[shard_of(p.owner, shards) as usize].pins.push(p);
+        }
+        for (follower, target) in self.follows {
+            loads[shard_of(follower, shards) as usize].follows.push((follower, target));
+        }
+        loads
+    }
+}
+
 /// Progress of a bulk load, reported after each committed chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BulkProgress {
