@@ -31,21 +31,32 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A port in 20000..59999 that nothing listens on now (bash only: no python on a bare
-# machine).
+# A port that nothing listens on now (bash only: no python on a bare machine), below
+# the kernel's ephemeral range: no outgoing connection (a node's own, to etcd) can be
+# holding it when a node binds it.
+ephemeral_low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+[ "$ephemeral_low" -gt 12000 ] 2>/dev/null || ephemeral_low=32768
 free_port() {
   local p
   while :; do
-    p=$((20000 + RANDOM % 40000))
+    p=$((10000 + RANDOM % (ephemeral_low - 10000)))
     (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
   done
 }
+# Waits (20 s at most) until process $1 listens on port $2; says why not, with the end
+# of log $3, if it exits or times out.
 wait_port() {
   for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null && return 0
+    if ! kill -0 "$1" 2>/dev/null; then
+      echo "the process meant to listen on 127.0.0.1:$2 exited; the end of $3:" >&2
+      tail -20 "$3" >&2
+      return 1
+    fi
     sleep 0.1
   done
-  echo "nothing listens on 127.0.0.1:$1 after 20 s; logs in $dir" >&2
+  echo "nothing listens on 127.0.0.1:$2 after 20 s; the end of $3:" >&2
+  tail -20 "$3" >&2
   return 1
 }
 
@@ -55,17 +66,25 @@ etcd --name local --data-dir "$dir/etcd" \
   --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
   --initial-cluster "local=http://127.0.0.1:$peer_port" >"$dir/etcd.log" 2>&1 &
 pids+=($!)
-wait_port "$client_port"
+wait_port "$!" "$client_port" "$dir/etcd.log"
 export FEEDGRAPH_CLUSTER="etcd://127.0.0.1:$client_port"
 echo "etcd on 127.0.0.1:$client_port ($dir)"
 
 first=""
 for i in $(seq 1 "$nodes"); do
-  grpc=$(free_port); metrics=$(free_port)
-  "$bin/feedgraph" serve --node-id "node-$i" --listen "127.0.0.1:$grpc" --metrics-listen "127.0.0.1:$metrics" \
-    --data-dir "$dir/node-$i" --replicas 3 --log warn >"$dir/node-$i.log" 2>&1 &
-  pids+=($!)
-  wait_port "$grpc"
+  # A port taken between free_port and the bind makes the node exit: try new ports.
+  for attempt in 1 2 3; do
+    grpc=$(free_port); metrics=$(free_port)
+    [ "$metrics" != "$grpc" ] || metrics=$(free_port)
+    "$bin/feedgraph" serve --node-id "node-$i" --listen "127.0.0.1:$grpc" --metrics-listen "127.0.0.1:$metrics" \
+      --data-dir "$dir/node-$i" --replicas 3 --log warn >"$dir/node-$i.log" 2>&1 &
+    pid=$!
+    pids+=($pid)
+    wait_port "$pid" "$grpc" "$dir/node-$i.log" && break
+    kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$dir/node-$i"
+    [ "$attempt" = 3 ] && exit 1
+    echo "starting node-$i again on other ports" >&2
+  done
   echo "node-$i on 127.0.0.1:$grpc (metrics 127.0.0.1:$metrics, log $dir/node-$i.log)"
   [ -z "$first" ] && first="127.0.0.1:$grpc"
 done
