@@ -173,6 +173,55 @@ pub async fn write(mut client: Client, mutations: Vec<pb::Mutation>, units: u64)
     }
 }
 
+/// Sends `batches` (from [`write_batches`]) with `concurrency` requests in flight until
+/// every one has been answered. Pins name their boards, so every batch before the first
+/// pin (users, boards) is committed before a pin batch is sent — else the service
+/// rightly answers NOT_FOUND.
+pub async fn ingest(
+    client: Client,
+    batches: Vec<(Vec<pb::Mutation>, u64)>,
+    concurrency: usize,
+    progress: bool,
+) -> crate::engine::Report {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let total = batches.len() as u64;
+    let first_pin_batch = batches
+        .iter()
+        .position(|(m, _)| m.iter().any(|m| matches!(m.op, Some(pb::mutation::Op::UpsertPin(_)))))
+        .unwrap_or(batches.len()) as u64;
+    let batches = Arc::new(batches);
+    let boards_done = Arc::new(AtomicU64::new(0));
+    let run_spec = crate::engine::RunSpec {
+        model: crate::engine::LoadModel::Closed { concurrency },
+        warmup: Duration::ZERO,
+        duration: Duration::from_secs(24 * 3600),
+        timeout: Duration::from_secs(60),
+        progress,
+        limit: Some(total),
+    };
+    crate::engine::run(run_spec, move |i| {
+        let (mutations, edges) = batches.get(i as usize).cloned().unwrap_or_default();
+        let (client, boards_done) = (client.clone(), boards_done.clone());
+        async move {
+            if mutations.is_empty() {
+                return Outcome::default();
+            }
+            if i >= first_pin_batch {
+                while boards_done.load(Ordering::Acquire) < first_pin_batch {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            let outcome = write(client, mutations, edges).await;
+            if i < first_pin_batch {
+                boards_done.fetch_add(1, Ordering::Release);
+            }
+            outcome
+        }
+    })
+    .await
+}
+
 /// Adjacency entries a mutation adds (pin: owner, board and each topic; follow: one).
 pub fn edges_of(m: &Mutation) -> u64 {
     match m {

@@ -5,7 +5,8 @@
 //! ports, starts, stops and restarts them on their own data directories, and offers
 //! clients and digests; every test stops what it started (dropping a `Cluster` stops
 //! its nodes' servers with the runtime, and its directories are removed); and
-//! [`managed::ManagedCluster`], nodes of a cluster managed through a real etcd.
+//! [`managed::ManagedCluster`], nodes of a cluster managed through a real etcd, run in
+//! this process or as `feedgraph serve` child processes.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
 
 pub mod managed;

@@ -1,14 +1,18 @@
 //! A cluster managed through a real etcd: [`Etcd`] (a child process on free loopback
-//! ports and a temporary directory, killed on drop) and [`ManagedCluster`] (nodes
-//! started through `feedgraph_server::start` with `cluster.etcd`, each on its own
-//! runtime, so that a test can kill one by aborting its runtime — a crash, as far as
-//! the rest of the cluster can tell).
+//! ports and a temporary directory, killed on drop) and [`ManagedCluster`], whose nodes
+//! are either started through `feedgraph_server::start` with `cluster.etcd`, each on
+//! its own runtime, so that a test can kill one by aborting its runtime — a crash, as
+//! far as the rest of the cluster can tell — or are `feedgraph serve` child processes
+//! ([`NodeKind::Process`]) that a test kills with SIGKILL.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use feedgraph_cluster::manager::{self, ClusterStatus, Keys};
+use feedgraph_graph_store::Shard;
 use feedgraph_server::{Config, Node};
 
 use crate::{free_ports, node_config};
@@ -67,24 +71,83 @@ impl Drop for Etcd {
     }
 }
 
-struct Running {
-    runtime: tokio::runtime::Runtime,
-    node: Node,
+/// How a [`ManagedCluster`] runs its nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    /// In this process, each on its own runtime; killed by dropping the runtime.
+    InProcess,
+    /// `feedgraph serve --config <file>` child processes (the binary cargo built next
+    /// to the test); killed with SIGKILL, stopped with SIGTERM.
+    Process,
 }
 
-/// Nodes of one etcd cluster, each on its own runtime and fixed loopback port.
+enum Running {
+    InProcess { runtime: tokio::runtime::Runtime, node: Box<Node> },
+    Process(Child),
+}
+
+/// Starts a node through `feedgraph_server::start` on a runtime of its own (2 workers,
+/// as many as this machine has cores), as if in a process of its own: dropping the
+/// runtime kills it.
+pub fn start_on_own_runtime(config: Config) -> Result<(tokio::runtime::Runtime, Node), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(format!("node-{}", config.node_id))
+        .enable_all()
+        .build()
+        .unwrap();
+    let (runtime, started) = std::thread::spawn(move || {
+        let started = runtime.block_on(feedgraph_server::start(config));
+        (runtime, started)
+    })
+    .join()
+    .unwrap();
+    match started {
+        Ok(node) => Ok((runtime, node)),
+        Err(e) => {
+            runtime.shutdown_background();
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Nodes of one etcd cluster, each on its own runtime (or process) and fixed loopback
+/// port.
 pub struct ManagedCluster {
     pub etcd: Etcd,
     pub dir: tempfile::TempDir,
     pub shards: u32,
+    kind: NodeKind,
     configs: BTreeMap<String, Config>,
     running: BTreeMap<String, Running>,
 }
 
+/// The `feedgraph` binary cargo built with this test: `target/<profile>/feedgraph`, next
+/// to the `deps` directory holding the test executable. `cargo test --workspace` (the
+/// README's `./dev test`) builds it, as the server package has integration tests.
+pub fn feedgraph_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("test executable in target/<profile>/deps");
+    let bin = dir.join(format!("feedgraph{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.is_file(), "{} is missing: build the workspace (./dev test) first", bin.display());
+    bin
+}
+
 impl ManagedCluster {
     /// Nodes `ids` of a new cluster of `shards` shards × `replicas`, each configured by
-    /// `tweak`; started one after the other.
+    /// `tweak`; started in this process one after the other.
     pub fn start(
+        ids: &[&str],
+        shards: u32,
+        replicas: u32,
+        tweak: impl Fn(&str, &mut Config),
+    ) -> ManagedCluster {
+        Self::start_as(NodeKind::InProcess, ids, shards, replicas, tweak)
+    }
+
+    /// As [`ManagedCluster::start`], with nodes run as `kind`.
+    pub fn start_as(
+        kind: NodeKind,
         ids: &[&str],
         shards: u32,
         replicas: u32,
@@ -95,6 +158,7 @@ impl ManagedCluster {
             etcd: Etcd::start(),
             dir: tempfile::tempdir().unwrap(),
             shards,
+            kind,
             configs: BTreeMap::new(),
             running: BTreeMap::new(),
         };
@@ -115,33 +179,23 @@ impl ManagedCluster {
         self.start_node(id);
     }
 
-    /// Starts (again) node `id` on its data directory and port, retrying (bounded)
-    /// while a killed predecessor's stores are still closing.
+    /// Starts (again) node `id` on its data directory and port.
     pub fn start_node(&mut self, id: &str) {
         assert!(!self.running.contains_key(id), "node {id} is running");
-        let config = self.configs[id].clone();
+        let running = match self.kind {
+            NodeKind::InProcess => self.start_in_process(id),
+            NodeKind::Process => self.start_process(id),
+        };
+        self.running.insert(id.to_owned(), running);
+    }
+
+    /// Retries (bounded) while a killed predecessor's stores are still closing.
+    fn start_in_process(&self, id: &str) -> Running {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name(format!("node-{id}"))
-                .enable_all()
-                .build()
-                .unwrap();
-            let c = config.clone();
-            let (runtime, started) = std::thread::spawn(move || {
-                let started = runtime.block_on(feedgraph_server::start(c));
-                (runtime, started)
-            })
-            .join()
-            .unwrap();
-            match started {
-                Ok(node) => {
-                    self.running.insert(id.to_owned(), Running { runtime, node });
-                    return;
-                }
+            match start_on_own_runtime(self.configs[id].clone()) {
+                Ok((runtime, node)) => return Running::InProcess { runtime, node: Box::new(node) },
                 Err(e) => {
-                    runtime.shutdown_background();
                     assert!(Instant::now() < deadline, "node {id} did not start: {e}");
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -149,23 +203,123 @@ impl ManagedCluster {
         }
     }
 
-    /// Kills node `id`: its runtime is dropped with everything on it (no lease
-    /// revocation, no goodbye), as if the process died.
+    /// `feedgraph serve --config <dir>/<id>.toml`, logging to `<dir>/<id>.log`; waits
+    /// (bounded) until it listens, and panics with the end of its log if it exits.
+    fn start_process(&self, id: &str) -> Running {
+        let config = &self.configs[id];
+        let path = self.dir.path().join(format!("{id}.toml"));
+        std::fs::write(&path, toml::to_string(config).unwrap()).unwrap();
+        let log_path = self.dir.path().join(format!("{id}.log"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        let mut child = Command::new(feedgraph_binary())
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .args(["--log", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(config.listen).is_err() {
+            let exited = child.try_wait().unwrap();
+            if exited.is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                panic!(
+                    "node {id} ({exited:?}) does not listen on {}; its log ends:\n{}",
+                    config.listen,
+                    tail.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Running::Process(child)
+    }
+
+    /// Kills node `id` as a crash does: its runtime dropped with everything on it, or
+    /// its process sent SIGKILL — no lease revocation, no goodbye.
     pub fn kill(&mut self, id: &str) {
-        let Running { runtime, node } = self.running.remove(id).expect("running node");
-        runtime.shutdown_background();
-        drop(node);
+        match self.running.remove(id).expect("running node") {
+            Running::InProcess { runtime, node } => {
+                runtime.shutdown_background();
+                drop(node);
+            }
+            Running::Process(mut child) => {
+                child.kill().unwrap();
+                child.wait().unwrap();
+            }
+        }
     }
 
-    /// Stops node `id` gracefully (it leaves the cluster first).
+    /// Stops node `id` gracefully (it leaves the cluster first): `Node::shutdown`, or
+    /// SIGTERM to its process (bounded wait, then SIGKILL).
     pub fn stop(&mut self, id: &str) {
-        let Running { runtime, node } = self.running.remove(id).expect("running node");
-        runtime.block_on(node.shutdown()).unwrap();
-        runtime.shutdown_timeout(Duration::from_secs(5));
+        match self.running.remove(id).expect("running node") {
+            Running::InProcess { runtime, node } => {
+                runtime.block_on(node.shutdown()).unwrap();
+                runtime.shutdown_timeout(Duration::from_secs(5));
+            }
+            Running::Process(mut child) => {
+                let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+                assert!(sent.as_ref().is_ok_and(|s| s.success()), "kill -TERM node {id}: {sent:?}");
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while child.try_wait().unwrap().is_none() {
+                    if Instant::now() > deadline {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        panic!("node {id} did not stop within 30 s of SIGTERM");
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
     }
 
+    /// The in-process node `id` (panics for a process: use gRPC or [`Self::stored`]).
     pub fn node(&self, id: &str) -> &Node {
-        &self.running[id].node
+        match &self.running[id] {
+            Running::InProcess { node, .. } => node,
+            Running::Process(_) => panic!("node {id} is a process"),
+        }
+    }
+
+    /// What every node stores, by node and shard, to check from the data itself: the
+    /// stores of running in-process nodes; or, for processes, each node's data directory
+    /// opened once every process has been killed. Killed together, not stopped one by
+    /// one: a graceful stop hands its leaderships over, and the new leaders' epoch
+    /// records would then differ between the nodes still up and those already gone.
+    pub fn stored(&mut self) -> BTreeMap<String, BTreeMap<u32, Arc<Shard>>> {
+        match self.kind {
+            NodeKind::InProcess => self
+                .running
+                .keys()
+                .map(|id| {
+                    let replicas = self.node(id).replicas();
+                    let stores =
+                        (0..self.shards).filter_map(|s| Some((s, replicas.get(s)?.store()?))).collect();
+                    (id.clone(), stores)
+                })
+                .collect(),
+            NodeKind::Process => {
+                for id in self.running() {
+                    self.kill(&id);
+                }
+                self.configs
+                    .iter()
+                    .map(|(id, config)| {
+                        let shards = feedgraph_server::open_shards(config).unwrap();
+                        (
+                            id.clone(),
+                            shards.into_iter().enumerate().map(|(s, store)| (s as u32, store)).collect(),
+                        )
+                    })
+                    .collect()
+            }
+        }
     }
 
     pub fn is_running(&self, id: &str) -> bool {
@@ -215,19 +369,23 @@ impl ManagedCluster {
         }
     }
 
-    /// Waits until, on every shard, every running replica has applied the leader's
-    /// latest sequence; panics after `timeout`.
+    /// Waits until, on every shard, every member has applied the leader's latest
+    /// sequence (as the nodes report it); panics after `timeout`.
     pub async fn caught_up(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let status = self.status().await;
-            let behind: Vec<(u32, String, u64, u64)> = (0..self.shards)
+            let sequence = |node: &str, shard: u32| {
+                let reports = status.reports.get(node)?.as_ref().ok()?;
+                reports.iter().find(|r| r.shard == shard && r.has_data).map(|r| r.applied_sequence)
+            };
+            let behind: Vec<(u32, String, Option<u64>, Option<u64>)> = (0..self.shards)
                 .flat_map(|shard| {
                     let a = status.view.shards[shard as usize].clone();
-                    let leader_seq = a.as_ref().and_then(|a| self.sequence(&a.leader, shard));
+                    let leader_seq = a.as_ref().and_then(|a| sequence(&a.leader, shard));
                     a.into_iter().flat_map(|a| a.followers).filter_map(move |f| {
-                        let seq = self.sequence(&f, shard)?;
-                        (Some(seq) != leader_seq).then(|| (shard, f, seq, leader_seq.unwrap_or(0)))
+                        let seq = sequence(&f, shard);
+                        (seq.is_none() || seq != leader_seq).then_some((shard, f, seq, leader_seq))
                     })
                 })
                 .collect();
@@ -238,18 +396,21 @@ impl ManagedCluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-
-    /// The latest sequence of `id`'s replica of `shard`, if it runs and has data.
-    pub fn sequence(&self, id: &str, shard: u32) -> Option<u64> {
-        self.running.get(id)?.node.replicas().get(shard)?.store().map(|s| s.latest_sequence())
-    }
 }
 
 impl Drop for ManagedCluster {
     fn drop(&mut self) {
         for (_, r) in std::mem::take(&mut self.running) {
-            r.runtime.shutdown_background();
-            drop(r.node);
+            match r {
+                Running::InProcess { runtime, node } => {
+                    runtime.shutdown_background();
+                    drop(node);
+                }
+                Running::Process(mut child) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
         }
     }
 }

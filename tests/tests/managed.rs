@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use feedgraph_cluster::Role;
 use feedgraph_model::{UserId, shard_of};
 use feedgraph_proto::pb::v1 as pb;
-use feedgraph_tests::managed::ManagedCluster;
+use feedgraph_tests::managed::{ManagedCluster, NodeKind};
 use feedgraph_tests::muts::{board, follow_user, pin, user, write};
 
 fn driver() -> tokio::runtime::Runtime {
@@ -85,16 +85,29 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// 3 nodes, 16 shards, R = 3, semi-sync writes on every shard: the node leading the
-/// most shards (every fourth time: the controller's node) is killed and restarted,
-/// `FEEDGRAPH_KILLS` times (default 20). Each time the shards it led take writes
-/// again under a new epoch; afterwards every acknowledged write is on every replica,
-/// written by the epoch that acknowledged it, and the replicas are identical.
+/// most shards (every fourth time: the controller's node) is killed — its runtime
+/// dropped — and restarted, `FEEDGRAPH_KILLS` times (default 20). Each time the shards
+/// it led take writes again under a new epoch; afterwards every acknowledged write is
+/// on every replica, written by the epoch that acknowledged it, and the replicas are
+/// identical.
 #[test]
 fn kills_fail_over_without_losing_acknowledged_writes() {
-    let kills: usize = std::env::var("FEEDGRAPH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    kills(NodeKind::InProcess, "FEEDGRAPH_KILLS", 20);
+}
+
+/// As above, with `feedgraph serve` child processes killed by SIGKILL
+/// (`FEEDGRAPH_PROCESS_KILLS` times, default 20); the stores are checked from the data
+/// directories once every process has stopped.
+#[test]
+fn sigkilled_processes_fail_over_without_losing_acknowledged_writes() {
+    kills(NodeKind::Process, "FEEDGRAPH_PROCESS_KILLS", 20);
+}
+
+fn kills(kind: NodeKind, env: &str, default_kills: usize) {
+    let kills: usize = std::env::var(env).ok().and_then(|v| v.parse().ok()).unwrap_or(default_kills);
     let shards = 16;
     let rt = driver();
-    let mut cluster = ManagedCluster::start(&["a", "b", "c"], shards, 3, |_, _| {});
+    let mut cluster = ManagedCluster::start_as(kind, &["a", "b", "c"], shards, 3, |_, _| {});
     rt.block_on(cluster.converged(Duration::from_secs(60)));
     let addrs: Vec<String> = ["a", "b", "c"].iter().map(|n| cluster.addr(n)).collect();
     let stop = Arc::new(AtomicBool::new(false));
@@ -168,18 +181,25 @@ fn kills_fail_over_without_losing_acknowledged_writes() {
     }
     rt.block_on(cluster.caught_up(Duration::from_secs(120)));
 
-    // Every acknowledged write is on every replica, at the sequence and under the
-    // epoch that acknowledged it: no epoch had two writers.
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() > 100, "only {} writes acknowledged", acked.len());
+    rt.block_on(async {
+        let mut client = graph(&cluster.addr("a")).await;
+        for w in &acked {
+            let follows =
+                client.get_follows(pb::GetFollowsRequest { user_id: w.follower }).await.unwrap().into_inner();
+            assert_eq!(follows.user_ids, [1], "acknowledged {w:?} is missing");
+        }
+    });
+    // Every acknowledged write is on every replica, at the sequence and under the
+    // epoch that acknowledged it: no epoch had two writers.
     let status = rt.block_on(cluster.status());
+    let stored = cluster.stored();
     for shard in 0..shards {
         let a = status.view.shards[shard as usize].clone().unwrap();
         let stores: Vec<_> = a
             .members()
-            .map(|n| {
-                cluster.node(n).replicas().get(shard).and_then(|r| r.store()).expect("replica with data")
-            })
+            .map(|n| stored.get(n).and_then(|s| s.get(&shard)).cloned().expect("replica with data"))
             .collect();
         let digests: BTreeSet<_> = stores.iter().map(|s| s.digest().unwrap().0).collect();
         assert_eq!(digests.len(), 1, "shard {shard}: replicas differ");
@@ -197,18 +217,10 @@ fn kills_fail_over_without_losing_acknowledged_writes() {
             }
         }
     }
-    rt.block_on(async {
-        let mut client = graph(&cluster.addr("a")).await;
-        for w in &acked {
-            let follows =
-                client.get_follows(pb::GetFollowsRequest { user_id: w.follower }).await.unwrap().into_inner();
-            assert_eq!(follows.user_ids, [1], "acknowledged {w:?} is missing");
-        }
-    });
     let mut sorted = failovers.clone();
     sorted.sort_by(f64::total_cmp);
     eprintln!(
-        "failover over {} kills ({controller_kills} of the controller's node): median {:.2} s, p90 {:.2} s, max {:.2} s; {} acknowledged writes, all present",
+        "{kind:?} failover over {} kills ({controller_kills} of the controller's node): median {:.2} s, p90 {:.2} s, max {:.2} s; {} acknowledged writes, all present",
         sorted.len(),
         percentile(&sorted, 0.5),
         percentile(&sorted, 0.9),

@@ -523,44 +523,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     }
     // An empty embedded service: ingest is what loads it.
     let target = Target::open(&args.target, None).await?;
-    let total = batches.len() as u64;
-    let batches = Arc::new(batches);
-    let client = target.client.clone();
-    let run_spec = RunSpec {
-        model: LoadModel::Closed { concurrency: args.concurrency as usize },
-        warmup: Duration::ZERO,
-        duration: Duration::from_secs(24 * 3600),
-        timeout: Duration::from_secs(60),
-        progress: true,
-        limit: Some(total),
-    };
-    // Pins name their boards: every batch before the first pin (users, boards) must be
-    // committed before a pin batch is sent, or the service rightly answers NOT_FOUND.
-    let first_pin_batch = batches
-        .iter()
-        .position(|(m, _)| m.iter().any(|m| matches!(m.op, Some(pb::mutation::Op::UpsertPin(_)))))
-        .unwrap_or(batches.len()) as u64;
-    let boards_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let report = engine::run(run_spec, move |i| {
-        let (mutations, edges) = batches.get(i as usize).cloned().unwrap_or_default();
-        let (client, boards_done) = (client.clone(), boards_done.clone());
-        async move {
-            if mutations.is_empty() {
-                return Outcome::default();
-            }
-            if i >= first_pin_batch {
-                while boards_done.load(std::sync::atomic::Ordering::Acquire) < first_pin_batch {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-            let outcome = scenario::write(client, mutations, edges).await;
-            if i < first_pin_batch {
-                boards_done.fetch_add(1, std::sync::atomic::Ordering::Release);
-            }
-            outcome
-        }
-    })
-    .await;
+    let report = scenario::ingest(target.client.clone(), batches, args.concurrency as usize, true).await;
     output(&[Report { scenario: "ingest".into(), ..report }], args.json)?;
     target.close().await
 }
