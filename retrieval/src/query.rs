@@ -114,6 +114,11 @@ impl ScanControl {
         Self { cancelled: AtomicBool::new(false), deadline, floors: Default::default(), share_floors }
     }
 
+    /// Whether the shards of the request may share their floors.
+    pub fn shares_floors(&self) -> bool {
+        self.share_floors
+    }
+
     /// No deadline, no shared floors: one shard's query on its own.
     pub fn unbounded() -> Self {
         Self::new(None, false)

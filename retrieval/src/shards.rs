@@ -57,6 +57,16 @@ pub trait RemoteReplica: Send + Sync + Debug {
         after: ReadAfter,
         timeout: Duration,
     ) -> BoxFuture<'_, Result<ShardAnswer>>;
+    /// The candidate queries of several shards this replica's node holds, in one
+    /// request: one round trip, and scans under one shared floor when `share_floors`.
+    /// Per query, in order, its answer or its own error; `Err`: the request as a whole
+    /// failed.
+    fn node_candidates(
+        &self,
+        queries: Vec<(u32, CandidateQuery, ReadAfter)>,
+        share_floors: bool,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Result<ShardAnswer>>>>;
     fn write(&self, w: ShardWrite) -> BoxFuture<'_, Result<WriteOutcome>>;
     fn follows(&self, user: UserId, after: ReadAfter) -> BoxFuture<'_, Result<Arc<Follows>>>;
     fn pin(&self, pin: PinRef, after: ReadAfter) -> BoxFuture<'_, Result<Option<PinRecord>>>;

@@ -52,6 +52,7 @@ fn config(full_scan: bool, scan_limit: usize, per_shard: usize) -> BrokerConfig 
         ranking_ttl: Duration::from_secs(600),
         ranking_cache_bytes: 256 << 20,
         full_scan,
+        batch_remote_queries: true,
         admission: AdmissionConfig { in_progress: 4, queued: 64, queue_wait: Duration::from_secs(30) },
         rankings,
         default_ranking: "default".into(),

@@ -192,6 +192,9 @@ pub struct FeedConfig {
     /// candidates that cannot make the top-K. The same rankings, slower: for
     /// comparisons.
     pub full_scan: bool,
+    /// Send a node the queries of all the shards a feed reads from it in one request
+    /// (one round trip, one shared top-K floor) instead of one request per shard.
+    pub batch_remote_queries: bool,
     /// Rankings computed at once; 0: one per core. Requests beyond wait in a short
     /// queue, then are shed with RESOURCE_EXHAUSTED.
     pub max_rankings_in_progress: usize,
@@ -365,6 +368,7 @@ impl Default for FeedConfig {
             ranking_ttl_s: 600,
             ranking_cache_mb: 256,
             full_scan: false,
+            batch_remote_queries: true,
             max_rankings_in_progress: 0,
             max_rankings_queued: 16,
             queue_wait_ms: 4,
@@ -545,6 +549,7 @@ impl Config {
             ranking_ttl: Duration::from_secs(f.ranking_ttl_s.max(1)),
             ranking_cache_bytes: f.ranking_cache_mb << 20,
             full_scan: f.full_scan,
+            batch_remote_queries: f.batch_remote_queries,
             admission: AdmissionConfig {
                 in_progress: f.max_rankings_in_progress,
                 queued: f.max_rankings_queued,

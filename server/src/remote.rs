@@ -51,7 +51,11 @@ impl RemoteShard {
 
     /// A refusal or failure of the remote replica, as the broker's error.
     fn error(&self, s: Status) -> Error {
-        let shard = self.shard;
+        self.error_of(self.shard, s)
+    }
+
+    /// A refusal or failure of the node's replica of `shard`, as the broker's error.
+    fn error_of(&self, shard: u32, s: Status) -> Error {
         if let Some(r) = refusal(&s) {
             let epoch = r.epoch.unwrap_or(0);
             return match r.kind {
@@ -107,6 +111,49 @@ impl RemoteReplica for RemoteShard {
         Box::pin(async move {
             let r = client.candidate_query(request).await.map_err(|s| self.error(s))?.into_inner();
             wire::answer_from_proto(r).map_err(|s| self.decoded(s))
+        })
+    }
+
+    fn node_candidates(
+        &self,
+        queries: Vec<(u32, CandidateQuery, ReadAfter)>,
+        share_floors: bool,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Result<ShardAnswer, Error>>, Error>> {
+        let mut client = self.client.clone();
+        let shards: Vec<u32> = queries.iter().map(|(shard, _, _)| *shard).collect();
+        let request = self.request(
+            ipb::CandidateQueriesRequest {
+                queries: queries
+                    .iter()
+                    .map(|(shard, q, after)| wire::query_to_proto(*shard, q, *after))
+                    .collect(),
+                share_floors,
+            },
+            timeout,
+        );
+        Box::pin(async move {
+            let r = client.candidate_queries(request).await.map_err(|s| self.error(s))?.into_inner();
+            if r.results.len() != shards.len() {
+                return Err(self.decoded(Status::internal(format!(
+                    "{} answers to {} queries",
+                    r.results.len(),
+                    shards.len()
+                ))));
+            }
+            Ok(shards
+                .into_iter()
+                .zip(r.results)
+                .map(|(shard, result)| match result.result {
+                    Some(ipb::candidate_query_result::Result::Answer(a)) => {
+                        wire::answer_from_proto(a).map_err(|s| self.decoded(s))
+                    }
+                    Some(ipb::candidate_query_result::Result::Refusal(refusal)) => {
+                        Err(self.error_of(shard, wire::refusal_from_proto(refusal)))
+                    }
+                    None => Err(self.decoded(Status::internal("an empty result"))),
+                })
+                .collect())
         })
     }
 

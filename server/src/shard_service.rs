@@ -104,6 +104,84 @@ impl ipb::shard_service_server::ShardService for ShardApi {
             .await
     }
 
+    async fn candidate_queries(
+        &self,
+        request: Request<ipb::CandidateQueriesRequest>,
+    ) -> Result<Response<ipb::CandidateQueriesResponse>, Status> {
+        self.metrics
+            .observed("ShardCandidateQueries", async {
+                let req = request.into_inner();
+                if req.queries.len() > self.replicas.shard_count() as usize {
+                    return Err(Status::resource_exhausted(format!(
+                        "queries: at most one per shard ({})",
+                        self.replicas.shard_count()
+                    )));
+                }
+                let mut results: Vec<Option<Result<query::ShardAnswer, Status>>> =
+                    (0..req.queries.len()).map(|_| None).collect();
+                let mut work = Vec::with_capacity(req.queries.len());
+                for (k, r) in req.queries.iter().enumerate() {
+                    let prepared = self
+                        .readable(r.shard, r.read_after)
+                        .and_then(|store| Ok((store, wire::query_from_proto(r, self.expr(&r.score_expr)?)?)));
+                    match prepared {
+                        Ok((store, q)) => work.push((k, self.delays.get(&r.shard).copied(), store, q)),
+                        Err(s) => results[k] = Some(Err(s)),
+                    }
+                }
+                // As the broker's local scatter: one group per core, every group under
+                // one control (shared floors; the scans stop when this handler is
+                // dropped).
+                let control = Arc::new(query::ScanControl::new(None, req.share_floors));
+                let _cancel = query::CancelOnDrop(control.clone());
+                let groups =
+                    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, work.len().max(1));
+                let mut lanes: Vec<Vec<_>> = (0..groups).map(|_| Vec::new()).collect();
+                for (k, item) in work.into_iter().enumerate() {
+                    lanes[k % groups].push(item);
+                }
+                let mut tasks = tokio::task::JoinSet::new();
+                for lane in lanes.into_iter().filter(|l| !l.is_empty()) {
+                    let control = control.clone();
+                    tasks.spawn_blocking(move || {
+                        lane.into_iter()
+                            .map(|(k, delay, store, q)| {
+                                if let Some(d) = delay {
+                                    std::thread::sleep(d);
+                                }
+                                (k, query::run(&store, &q, &control).map_err(crate::service::status))
+                            })
+                            .collect::<Vec<_>>()
+                    });
+                }
+                while let Some(done) = tasks.join_next().await {
+                    let done = done.map_err(|e| Status::internal(format!("blocking task failed: {e}")))?;
+                    for (k, answer) in done {
+                        results[k] = Some(answer);
+                    }
+                }
+                let results = results
+                    .into_iter()
+                    .map(|r| {
+                        let result = match r {
+                            Some(Ok(answer)) => {
+                                ipb::candidate_query_result::Result::Answer(wire::answer_to_proto(&answer))
+                            }
+                            Some(Err(status)) => {
+                                ipb::candidate_query_result::Result::Refusal(wire::refusal_to_proto(&status))
+                            }
+                            None => ipb::candidate_query_result::Result::Refusal(wire::refusal_to_proto(
+                                &Status::internal("query not run"),
+                            )),
+                        };
+                        ipb::CandidateQueryResult { result: Some(result) }
+                    })
+                    .collect();
+                Ok(ipb::CandidateQueriesResponse { results })
+            })
+            .await
+    }
+
     async fn apply_writes(
         &self,
         request: Request<ipb::ApplyWritesRequest>,

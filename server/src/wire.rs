@@ -157,6 +157,37 @@ pub fn answer_from_proto(r: ipb::CandidateQueryResponse) -> Result<ShardAnswer, 
     })
 }
 
+/// A query's failure inside a `CandidateQueries` answer: the status `CandidateQuery`
+/// would have answered with, metadata (typed refusals) included.
+pub fn refusal_to_proto(s: &Status) -> ipb::QueryRefusal {
+    let metadata = s
+        .metadata()
+        .iter()
+        .filter_map(|entry| match entry {
+            tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned()))
+            }
+            tonic::metadata::KeyAndValueRef::Binary(..) => None,
+        })
+        .collect();
+    ipb::QueryRefusal { code: s.code() as i32, message: s.message().to_owned(), metadata }
+}
+
+/// The status a refusal stands for (a bad metadata entry is dropped: the code and
+/// message remain).
+pub fn refusal_from_proto(r: ipb::QueryRefusal) -> Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    for (k, v) in &r.metadata {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::AsciiMetadataKey::from_bytes(k.as_bytes()),
+            tonic::metadata::AsciiMetadataValue::try_from(v.as_str()),
+        ) {
+            metadata.insert(k, v);
+        }
+    }
+    Status::with_metadata(tonic::Code::from_i32(r.code), r.message, metadata)
+}
+
 pub fn follows_to_proto(f: &Follows) -> pb::GetFollowsResponse {
     pb::GetFollowsResponse {
         user_ids: f.users.iter().map(|u| u.get()).collect(),
@@ -217,6 +248,27 @@ pub fn pin_from_proto(p: pb::Pin) -> Result<PinRecord, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_in_a_batch_keep_their_code_and_typed_metadata() {
+        use feedgraph_proto::refusal::{RefusalKind, refusal};
+        let status = feedgraph_cluster::service::status(feedgraph_cluster::Error::NotLeader {
+            shard: 3,
+            leader: Some("127.0.0.1:7001".into()),
+            epoch: 7,
+        });
+        let back = refusal_from_proto(refusal_to_proto(&status));
+        assert_eq!(back.code(), status.code());
+        assert_eq!(back.message(), status.message());
+        let r = refusal(&back).expect("a typed refusal");
+        assert_eq!(r.kind, RefusalKind::NotLeader);
+        assert_eq!(r.leader.as_deref(), Some("127.0.0.1:7001"));
+        assert_eq!(r.epoch, Some(7));
+        // A status without metadata stays a plain status.
+        let plain = refusal_from_proto(refusal_to_proto(&Status::unavailable("gone")));
+        assert_eq!((plain.code(), plain.message()), (tonic::Code::Unavailable, "gone"));
+        assert!(refusal(&plain).is_none());
+    }
 
     #[test]
     fn queries_and_answers_survive_the_wire() {

@@ -13,8 +13,10 @@
 //! Clusters of replication factor 3 (the default: every node holds every shard, so a
 //! broker reads its own replicas) and 1 (two thirds of each feed's shards are on other
 //! nodes: the scatter crosses the network) are measured in turn
-//! (`FEEDGRAPH_BENCH_REPLICAS`, default `3,1`). Every node runs on a runtime of its own
-//! with 2 workers, in this process, on this machine's 2 cores.
+//! (`FEEDGRAPH_BENCH_REPLICAS`, default `3,1`). Below R = 3 a second cluster, whose
+//! brokers ask remote shards one request each (`feed.batch_remote_queries = false`),
+//! runs alongside: before and after one request per node, in one run. Every node runs
+//! on a runtime of its own with 2 workers, in this process, on this machine's 2 cores.
 //!
 //! Run: `./dev bench --bench cluster` (under `cargo test` a small version runs).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
@@ -118,24 +120,40 @@ fn main() {
 
     for r in factors {
         let ids = ["a", "b", "c"];
-        let mut cluster = ManagedCluster::start(&ids, shards, r, |_, c| tweak(c));
-        driver.block_on(cluster.converged(Duration::from_secs(120)));
-        driver.block_on(ingest(&cluster.addr("a"), batches.clone()));
-        driver.block_on(cluster.caught_up(Duration::from_secs(300)));
-        let cluster_addrs: Vec<String> = ids.iter().map(|n| cluster.addr(n)).collect();
-        let (mut singles, mut clustered) = (Vec::new(), Vec::new());
+        // Batched (the default), then, with remote shards, one request per shard.
+        let variants: &[bool] = if r < 3 { &[true, false] } else { &[true] };
+        let mut clusters = Vec::new();
+        for &batched in variants {
+            let cluster = ManagedCluster::start(&ids, shards, r, |_, c| {
+                tweak(c);
+                c.feed.batch_remote_queries = batched;
+            });
+            driver.block_on(cluster.converged(Duration::from_secs(120)));
+            driver.block_on(ingest(&cluster.addr("a"), batches.clone()));
+            driver.block_on(cluster.caught_up(Duration::from_secs(300)));
+            let addrs: Vec<String> = ids.iter().map(|n| cluster.addr(n)).collect();
+            let name =
+                if batched { format!("3-node cluster, R = {r}") } else { "  one request per shard".into() };
+            clusters.push((name, addrs, cluster, Vec::new()));
+        }
+        let mut singles = Vec::new();
         for _ in 0..rounds {
             let s = driver.block_on(read(&single_addrs, picker.clone(), rate, seconds));
             line("single node", &s);
-            let c = driver.block_on(read(&cluster_addrs, picker.clone(), rate, seconds));
-            line(&format!("3-node cluster, R = {r}"), &c);
             singles.push(s.ok_latency_ms.p99);
-            clustered.push(c.ok_latency_ms.p99);
+            for (name, addrs, _, p99s) in &mut clusters {
+                let c = driver.block_on(read(addrs, picker.clone(), rate, seconds));
+                line(name, &c);
+                p99s.push(c.ok_latency_ms.p99);
+            }
         }
-        let (s, c) = (median(singles), median(clustered));
-        println!("  R = {r}: median p99, cluster {c:.2} ms / single node {s:.2} ms = {:.2}×", c / s);
-        for id in ids {
-            cluster.stop(id);
+        let s = median(singles);
+        for (name, _, mut cluster, p99s) in clusters {
+            let c = median(p99s);
+            println!("  {}: median p99 {c:.2} ms / single node {s:.2} ms = {:.2}×", name.trim(), c / s);
+            for id in ids {
+                cluster.stop(id);
+            }
         }
     }
     single_runtime.block_on(single.shutdown()).unwrap();

@@ -1,6 +1,9 @@
 //! Remote shards: a broker that holds no shard (two other nodes hold eight leaders
 //! each) gives the same pages as the single-node service on the same data — following
-//! and home, every page, light and ML-ranked, with cursors moved between brokers.
+//! and home, every page, light and ML-ranked, with cursors moved between brokers —
+//! whether it asks a node for all its shards in one request or for each shard alone;
+//! and when a node dies between two feeds, its shards are read from their other
+//! replicas.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -67,7 +70,9 @@ fn graph() -> Vec<Vec<pb::Mutation>> {
 }
 
 fn tweak(models: &Path) -> impl Fn(&str, &mut feedgraph_server::Config) + '_ {
-    move |_, c| {
+    move |id, c| {
+        // Node a asks b one shard at a time; the others batch a node's shards.
+        c.feed.batch_remote_queries = id != "a";
         c.rankings.insert("static".into(), "quality + 0.001*saves".into());
         c.feed.max_per_owner = 2;
         c.scorer.model_dir = Some(models.to_path_buf());
@@ -151,7 +156,8 @@ async fn an_all_remote_broker_pages_like_the_single_node_service() {
             // The default ranking reads the clock (and the model the pins' ages): compare
             // one snapshot. The single node's first page names it; the all-remote broker
             // recomputes that ranking from the snapshot (its first page too, through a
-            // cursor for page 0), and so does node a (eight local, eight remote shards).
+            // cursor for page 0), and so does node a (eight local shards, eight remote
+            // ones asked one by one).
             let first = page(&mut s, user, home, "", "").await;
             if first.next_cursor.is_empty() {
                 continue;
@@ -177,5 +183,41 @@ async fn an_all_remote_broker_pages_like_the_single_node_service() {
     }
     assert!(compared > 100, "only {compared} pages compared");
     single.shutdown().await;
+    cluster.shutdown().await;
+}
+
+/// Node a leads every shard and b follows; broker c holds none and sends each node one
+/// request for the shards it reads there (b first for half of them). b stops: the next
+/// feeds read b's shards from a, whole and identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_of_a_dead_node_are_read_from_their_other_replicas() {
+    let models = tempfile::tempdir().unwrap();
+    feedgraph_server::demo::ensure_models(models.path()).unwrap();
+    let base = tweak(models.path());
+    let groups: &[Group] = &[("0-15", "a", &["b"], 1)];
+    let mut cluster = Cluster::start(&["a", "b", "c"], 16, groups, |id, c| {
+        base(id, c);
+        // The broker keeps its map: b stays first for half the shards after it dies.
+        c.replication.map_refresh_ms = 600_000;
+    })
+    .await;
+    for batch in graph() {
+        cluster.graph("c").await.write(muts::write(batch, pb::Ack::Async)).await.unwrap();
+    }
+    for shard in 0..16 {
+        cluster.caught_up("a", &["b"], shard, std::time::Duration::from_secs(30)).await;
+    }
+    let mut c = cluster.feeds("c").await;
+    let users: Vec<u64> = (1..=USERS).step_by(6).collect();
+    let mut before = Vec::new();
+    for &user in &users {
+        before.push(items(&page(&mut c, user, false, "", "static").await));
+    }
+    cluster.stop("b").await;
+    for (&user, expected) in users.iter().zip(&before) {
+        // `page` asserts the page is whole (not partial).
+        let after = items(&page(&mut c, user, false, "", "static").await);
+        assert_eq!(&after, expected, "user {user}: a page without b");
+    }
     cluster.shutdown().await;
 }

@@ -70,6 +70,9 @@ pub struct BrokerConfig {
     /// Examine every candidate up to `scan_limit` instead of skipping blocks that
     /// cannot make the top-K: the same rankings, slower (for comparisons).
     pub full_scan: bool,
+    /// Remote shards served by one node are asked in one request
+    /// ([`crate::RemoteReplica::node_candidates`]) rather than one request each.
+    pub batch_remote_queries: bool,
     /// Bounds on rankings computed at once and queued.
     pub admission: AdmissionConfig,
     /// Named light-score expressions.

@@ -1,8 +1,10 @@
 //! Scatter and gather of candidate queries. Shards with a readable local replica run
 //! on the broker's scan *lanes*, one thread per core (on few cores, waking a thread per
-//! shard costs more than it overlaps), split into one group per lane; shards served elsewhere are one RPC each, failing over to the
-//! next replica on error. Every shard reports the moment it is done; the broker
-//! collects until the deadline and leaves out (and flags) what did not answer.
+//! shard costs more than it overlaps), split into one group per lane. Shards served
+//! elsewhere are one request per node (`batch_remote_queries`; else one per shard),
+//! each shard failing over to its next replica on error. Every shard reports the
+//! moment it is done; the broker collects until the deadline and leaves out (and
+//! flags) what did not answer.
 
 use std::sync::Arc;
 
@@ -27,6 +29,15 @@ pub(super) struct Gathered {
 }
 
 type Report = (usize, Result<ShardAnswer>);
+
+/// A shard to ask elsewhere: its query, the freshness it needs, its replicas in the
+/// order to try them.
+struct RemoteWork {
+    shard: usize,
+    query: CandidateQuery,
+    after: crate::shards::ReadAfter,
+    replicas: Vec<Arc<dyn RemoteReplica>>,
+}
 
 impl Broker {
     /// Candidates from every shard the user's follows and interests live on, merged
@@ -116,6 +127,7 @@ impl Broker {
         ));
         let _cancel = CancelOnDrop(control.clone());
         let mut local: Vec<(usize, CandidateQuery, Arc<Shard>)> = Vec::new();
+        let mut remote: Vec<RemoteWork> = Vec::new();
         for (i, q) in work {
             let after = self.read_after(i as u32);
             let mut remotes: Vec<Arc<dyn RemoteReplica>> = Vec::new();
@@ -138,9 +150,10 @@ impl Broker {
             }
             match store {
                 Some(s) => local.push((i, q, s)),
-                None => self.spawn_remote(i, q, after, remotes, deadline, tx.clone()),
+                None => remote.push(RemoteWork { shard: i, query: q, after, replicas: remotes }),
             }
         }
+        self.spawn_remotes(remote, control.shares_floors(), deadline, &tx);
         self.spawn_lanes(local, &control, tx.clone());
         drop(tx);
 
@@ -238,42 +251,115 @@ impl Broker {
         }
     }
 
-    /// One shard served elsewhere: its replicas in turn, each with the time left.
-    fn spawn_remote(
+    /// Shards served elsewhere: grouped by the node of their first replica, one
+    /// request per node (or per shard, without `batch_remote_queries`).
+    fn spawn_remotes(
         &self,
-        shard: usize,
-        q: CandidateQuery,
-        after: crate::shards::ReadAfter,
-        remotes: Vec<Arc<dyn RemoteReplica>>,
+        work: Vec<RemoteWork>,
+        share_floors: bool,
         deadline: tokio::time::Instant,
-        tx: tokio::sync::mpsc::UnboundedSender<Report>,
+        tx: &tokio::sync::mpsc::UnboundedSender<Report>,
     ) {
-        let busy = self.busy.clone();
-        tokio::spawn(async move {
-            let _busy = busy;
-            let mut last = Error::Unavailable(format!("shard {shard}: no replica serves reads"));
-            for r in remotes {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                // The request is done with this shard (deadline, or dropped): stop.
-                let answer = tokio::select! {
-                    _ = tx.closed() => return,
-                    answer = r.candidates(q.clone(), after, left) => answer,
-                };
-                match answer {
-                    Ok(answer) => {
-                        let _ = tx.send((shard, Ok(answer)));
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::debug!(shard, replica = r.address(), error = %e, "remote candidate query failed; trying the next replica");
-                        last = e;
-                    }
-                }
+        let mut by_node: Vec<Vec<RemoteWork>> = Vec::new();
+        for w in work {
+            let node = w.replicas.first().map(|r| r.address().to_owned());
+            let group = by_node.iter_mut().find(|g| {
+                self.cfg.batch_remote_queries
+                    && node.is_some()
+                    && g[0].replicas.first().map(|r| r.address()) == node.as_deref()
+            });
+            match group {
+                Some(g) => g.push(w),
+                None => by_node.push(vec![w]),
             }
-            let _ = tx.send((shard, Err(last)));
-        });
+        }
+        for group in by_node {
+            let busy = self.busy.clone();
+            let tx = tx.clone();
+            if group.len() == 1 {
+                let w = group.into_iter().next().expect("a group of one");
+                let last = Error::Unavailable(format!("shard {}: no replica serves reads", w.shard));
+                tokio::spawn(async move {
+                    let _busy = busy;
+                    remote_with_failover(w, 0, last, deadline, tx).await;
+                });
+            } else {
+                tokio::spawn(async move {
+                    let _busy = busy;
+                    node_with_failover(group, share_floors, deadline, tx).await;
+                });
+            }
+        }
     }
+}
+
+/// Several shards on one node in one request; a shard whose query failed (or all of
+/// them, if the request did) goes on to its next replicas, one request each.
+async fn node_with_failover(
+    group: Vec<RemoteWork>,
+    share_floors: bool,
+    deadline: tokio::time::Instant,
+    tx: tokio::sync::mpsc::UnboundedSender<Report>,
+) {
+    let node = group[0].replicas[0].clone();
+    let queries = group.iter().map(|w| (w.shard as u32, w.query.clone(), w.after)).collect();
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    // The request is done with these shards (deadline, or dropped): stop.
+    let answers = tokio::select! {
+        _ = tx.closed() => return,
+        answers = node.node_candidates(queries, share_floors, left) => answers,
+    };
+    let answers: Vec<Result<ShardAnswer>> = match answers {
+        Ok(answers) => answers,
+        Err(e) => {
+            tracing::debug!(replica = node.address(), error = %e, "remote candidate queries failed; trying the next replicas");
+            group.iter().map(|_| Err(Error::Unavailable(e.to_string()))).collect()
+        }
+    };
+    let mut retries = tokio::task::JoinSet::new();
+    for (w, answer) in group.into_iter().zip(answers) {
+        match answer {
+            Ok(answer) => {
+                let _ = tx.send((w.shard, Ok(answer)));
+            }
+            Err(e) => {
+                tracing::debug!(shard = w.shard, replica = node.address(), error = %e, "remote candidate query failed; trying the next replica");
+                retries.spawn(remote_with_failover(w, 1, e, deadline, tx.clone()));
+            }
+        }
+    }
+    while retries.join_next().await.is_some() {}
+}
+
+/// One shard served elsewhere: its replicas from `first` on in turn, each with the time
+/// left; `last` is reported if none answers.
+async fn remote_with_failover(
+    w: RemoteWork,
+    first: usize,
+    mut last: Error,
+    deadline: tokio::time::Instant,
+    tx: tokio::sync::mpsc::UnboundedSender<Report>,
+) {
+    for r in w.replicas.iter().skip(first) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        // The request is done with this shard (deadline, or dropped): stop.
+        let answer = tokio::select! {
+            _ = tx.closed() => return,
+            answer = r.candidates(w.query.clone(), w.after, left) => answer,
+        };
+        match answer {
+            Ok(answer) => {
+                let _ = tx.send((w.shard, Ok(answer)));
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(shard = w.shard, replica = r.address(), error = %e, "remote candidate query failed; trying the next replica");
+                last = e;
+            }
+        }
+    }
+    let _ = tx.send((w.shard, Err(last)));
 }
