@@ -47,6 +47,13 @@ impl ShardPaths {
         }
     }
 
+    /// The shard's data, if it has any: [`Self::recover`]ed, then opened as a replica.
+    /// Blocking.
+    pub(crate) fn open_existing(&self, opts: &ShardOptions) -> Result<Option<Arc<Shard>>> {
+        self.recover()?;
+        Ok(if self.live.exists() { Some(Arc::new(Shard::open_replica(&self.live, opts)?)) } else { None })
+    }
+
     /// Finishes or undoes a checkpoint swap a crash interrupted, and drops partial
     /// downloads. Blocking.
     pub(crate) fn recover(&self) -> Result<()> {
@@ -156,6 +163,19 @@ pub struct ReplicaStatus {
     pub fenced: bool,
     pub has_data: bool,
     pub diverged: bool,
+}
+
+impl ReplicaStatus {
+    /// Data that may lead: present and not diverged from its leader's.
+    pub fn has_sound_data(&self) -> bool {
+        self.has_data && !self.diverged
+    }
+
+    /// Serving reads with sound data: a member that counts towards `R`, or a
+    /// hand-over target.
+    pub fn is_ready(&self) -> bool {
+        self.readable && self.has_sound_data()
+    }
 }
 
 /// Where and how a replica lives (everything but its data and role).

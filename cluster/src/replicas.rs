@@ -194,13 +194,11 @@ impl Replicas {
             let paths = ShardPaths::new(&this.data_dir, shard);
             let (p, opts) = (paths.clone(), (this.options)(shard));
             let opened = blocking(move || {
-                p.recover()?;
+                let store = p.open_existing(&opts)?;
                 let remembered = RoleState::load(&p.state)?;
-                if remembered.is_none() && !p.live.exists() {
+                if remembered.is_none() && store.is_none() {
                     return Ok(None);
                 }
-                let store =
-                    if p.live.exists() { Some(Arc::new(Shard::open_replica(&p.live, &opts)?)) } else { None };
                 Ok(Some((remembered, store)))
             })
             .await?;
@@ -302,15 +300,7 @@ impl Replicas {
             None => {
                 let paths = ShardPaths::new(&self.data_dir, shard);
                 let (p, opts) = (paths.clone(), (self.options)(shard));
-                let store = blocking(move || {
-                    p.recover()?;
-                    Ok(if p.live.exists() {
-                        Some(Arc::new(Shard::open_replica(&p.live, &opts)?))
-                    } else {
-                        None
-                    })
-                })
-                .await?;
+                let store = blocking(move || p.open_existing(&opts)).await?;
                 self.add(shard, paths, store, Role::Offline, 0).await?
             }
         };

@@ -1050,13 +1050,7 @@ async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
             let Some(spec) = view.spec else {
                 bail!("no cluster `{}` in etcd at {} (no node has joined it)", args.name, args.etcd);
             };
-            let report = |node: &str, shard: usize| {
-                status
-                    .reports
-                    .get(node)
-                    .and_then(|r| r.as_ref().ok())
-                    .and_then(|r| r.iter().find(|s| s.shard as usize == shard))
-            };
+            let report = |node: &str, shard: usize| status.report(node, shard as u32);
             if json {
                 let shards: Vec<serde_json::Value> = view.shards.iter().enumerate().map(|(shard, a)| {
                     let replicas: Vec<serde_json::Value> = view.members.keys().filter_map(|node| {

@@ -115,7 +115,7 @@ fn main() {
     tweak(&mut config);
     let (single_runtime, single) = start_on_own_runtime(config).unwrap();
     driver.block_on(ingest(&listen, batches.clone()));
-    let single_addrs = vec![single.grpc_addr().to_string()];
+    let single_addrs = vec![listen];
     println!("following feed, {pins} demo pins, {rate} feeds/s for {seconds} s per run:");
 
     for r in factors {

@@ -376,8 +376,7 @@ impl ManagedCluster {
         loop {
             let status = self.status().await;
             let sequence = |node: &str, shard: u32| {
-                let reports = status.reports.get(node)?.as_ref().ok()?;
-                reports.iter().find(|r| r.shard == shard && r.has_data).map(|r| r.applied_sequence)
+                status.report(node, shard).filter(|r| r.has_data).map(|r| r.applied_sequence)
             };
             let behind: Vec<(u32, String, Option<u64>, Option<u64>)> = (0..self.shards)
                 .flat_map(|shard| {

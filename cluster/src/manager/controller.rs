@@ -64,6 +64,36 @@ pub(crate) const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Replica reports of the live nodes that answered: node → shard → status.
 type Reports = BTreeMap<String, BTreeMap<u32, ReplicaStatus>>;
 
+/// What every live node reports of its replicas (`ListReplicas`, all asked at once,
+/// each with [`REPORT_TIMEOUT`]), by node: its replicas, or why it did not answer.
+pub(super) async fn ask_live_nodes(
+    view: &ClusterView,
+    mut channel: impl FnMut(&str) -> std::result::Result<Channel, String>,
+) -> BTreeMap<String, std::result::Result<Vec<ReplicaStatus>, String>> {
+    let mut answers = BTreeMap::new();
+    let mut asks = tokio::task::JoinSet::new();
+    for (node, address) in &view.live {
+        match channel(address) {
+            Ok(channel) => {
+                let node = node.clone();
+                asks.spawn(async move {
+                    let answer = list_replicas(channel, REPORT_TIMEOUT).await;
+                    (node, answer.map_err(|s| s.message().to_owned()))
+                });
+            }
+            Err(e) => {
+                answers.insert(node.clone(), Err(e));
+            }
+        }
+    }
+    while let Some(done) = asks.join_next().await {
+        if let Ok((node, answer)) = done {
+            answers.insert(node, answer);
+        }
+    }
+    answers
+}
+
 pub(crate) struct Controller {
     client: Client,
     keys: Keys,
@@ -116,6 +146,8 @@ impl Controller {
         // they spread.
         let mut view = view;
         let enough = view.placeable().count() >= spec.replicas as usize;
+        // Placed now: the reports, read before, know nothing of them yet.
+        let mut placed = HashSet::new();
         for shard in 0..spec.shards {
             if view.shards[shard as usize].is_some()
                 || !(enough || self.started.elapsed() >= self.cfg.initial_wait)
@@ -126,9 +158,10 @@ impl Controller {
             let Some((leader, followers)) = nodes.split_first() else { break };
             let a = self.promote(&view, shard, leader, followers.to_vec(), true).await?;
             view.shards[shard as usize] = Some(a);
+            placed.insert(shard);
             acted = true;
         }
-        for shard in 0..spec.shards {
+        for shard in (0..spec.shards).filter(|s| !placed.contains(s)) {
             if self.reconcile(&view, &reports, spec, shard).await? == Step::Acted {
                 acted = true;
             }
@@ -149,20 +182,17 @@ impl Controller {
     }
 
     async fn reports(&mut self, view: &ClusterView) -> Reports {
-        let mut asks = tokio::task::JoinSet::new();
-        for (node, address) in &view.live {
-            let Some(channel) = self.channel(address) else { continue };
-            let node = node.clone();
-            asks.spawn(async move { (node, list_replicas(channel, REPORT_TIMEOUT).await) });
-        }
+        let answers = ask_live_nodes(view, |address| {
+            self.channel(address).ok_or_else(|| format!("`{address}` is not an address"))
+        })
+        .await;
         let mut reports = Reports::new();
-        while let Some(done) = asks.join_next().await {
-            let Ok((node, answer)) = done else { continue };
+        for (node, answer) in answers {
             match answer {
                 Ok(statuses) => {
                     reports.insert(node, statuses.into_iter().map(|r| (r.shard, r)).collect());
                 }
-                Err(e) => tracing::debug!(%node, error = %e.message(), "a live node did not report"),
+                Err(e) => tracing::debug!(%node, error = %e, "a live node did not report"),
             }
         }
         reports
@@ -241,17 +271,12 @@ impl Controller {
         let wanted = (spec.replicas as usize).min(view.placeable().count()).max(1);
         if counted < wanted {
             if let Some(node) = self.addition(view, reports, &a) {
-                let mut next = a.clone();
-                next.followers.push(node.clone());
-                self.write(shard, &next).await?;
-                self.transition(view, &node, shard, want, false).await;
+                self.add_follower(view, shard, &a, &node, want).await?;
                 return Ok(Step::Acted);
             }
             return Ok(Step::Nothing);
         }
-        let caught_up = |m: &String| {
-            view.is_live(m) && report(m).is_some_and(|r| r.readable && r.has_data && !r.diverged)
-        };
+        let caught_up = |m: &String| view.is_live(m) && report(m).is_some_and(ReplicaStatus::is_ready);
         let surplus = a.followers.len() + 1 > spec.replicas as usize;
         let removable = a
             .followers
@@ -313,7 +338,7 @@ impl Controller {
             .filter(|m| view.is_live(m))
             .filter_map(|m| {
                 let r = reports.get(m)?.get(&shard)?;
-                (r.has_data && !r.diverged).then_some((m, r))
+                r.has_sound_data().then_some((m, r))
             })
             .max_by_key(|(m, r)| (r.log_epoch, r.applied_sequence, !view.draining.contains(*m)))
             .map(|(m, _)| m.clone());
@@ -327,6 +352,23 @@ impl Controller {
         tracing::info!(shard, old = %a.leader, new = %best, "failing over");
         self.promote(view, shard, &best, others, false).await?;
         Ok(Step::Acted)
+    }
+
+    /// Adds `node` to the followers of `a` in the map, then has it take `role` (to
+    /// follow; it bootstraps by checkpoint if it has no data).
+    async fn add_follower(
+        &mut self,
+        view: &ClusterView,
+        shard: u32,
+        a: &Assignment,
+        node: &str,
+        role: Role,
+    ) -> Result<()> {
+        let mut next = a.clone();
+        next.followers.push(node.to_owned());
+        self.write(shard, &next).await?;
+        self.transition(view, node, shard, role, false).await;
+        Ok(())
     }
 
     /// Moves leadership of `a` to a caught-up follower (`to` if given): fences the
@@ -343,10 +385,7 @@ impl Controller {
         let ready = |f: &&String| {
             view.is_live(f)
                 && !view.draining.contains(*f)
-                && reports
-                    .get(*f)
-                    .and_then(|m| m.get(&shard))
-                    .is_some_and(|r| r.readable && r.has_data && !r.diverged)
+                && reports.get(*f).and_then(|m| m.get(&shard)).is_some_and(ReplicaStatus::is_ready)
         };
         let Some(target) =
             a.followers.iter().filter(ready).find(|f| to.is_none_or(|t| t == f.as_str())).cloned()
@@ -367,26 +406,24 @@ impl Controller {
         };
         // Wait (bounded) for the target to apply what the fenced leader committed.
         let deadline = Instant::now() + self.cfg.handover_wait;
-        let mut statuses = BTreeMap::new();
         loop {
-            statuses.clear();
-            for f in a.followers.iter().filter(|f| view.is_live(f)) {
-                if let Some(s) = self.replica_status(view, f, shard).await {
-                    statuses.insert(f.clone(), s);
-                }
-            }
-            if statuses.get(&target).is_some_and(|s| s.applied_sequence >= fenced)
-                || Instant::now() > deadline
-            {
+            let target_status = self.replica_status(view, &target, shard).await;
+            if target_status.is_some_and(|s| s.applied_sequence >= fenced) || Instant::now() > deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut statuses = BTreeMap::new();
+        for f in a.followers.iter().filter(|f| view.is_live(f)) {
+            if let Some(s) = self.replica_status(view, f, shard).await {
+                statuses.insert(f.clone(), s);
+            }
         }
         // The longest log among the followers (the target, normally): every write
         // acknowledged before the fence is on some follower, so on this one.
         let best = statuses
             .iter()
-            .filter(|(_, s)| s.has_data && !s.diverged)
+            .filter(|(_, s)| s.has_sound_data())
             .max_by_key(|(f, s)| {
                 (s.log_epoch, s.applied_sequence, **f == target, !view.draining.contains(*f))
             })
@@ -471,11 +508,8 @@ impl Controller {
                 }
                 let Some(a) = view.shards[shard as usize].clone() else { return Ok(()) };
                 let Some(leader) = view.address(&a.leader).map(str::to_owned) else { return Ok(()) };
-                let mut next = a.clone();
-                next.followers.push(to.clone());
-                self.write(shard, &next).await?;
                 tracing::info!(shard, %from, %to, "moving a replica");
-                self.transition(view, &to, shard, Role::Follower { leader, epoch: a.epoch }, false).await;
+                self.add_follower(view, shard, &a, &to, Role::Follower { leader, epoch: a.epoch }).await?;
             }
             None => {}
         }

@@ -58,10 +58,6 @@ pub async fn connect(endpoints: &[String]) -> Result<Client> {
 /// A node's membership; [`Member::stop`] leaves the cluster.
 pub struct Member {
     keys: Keys,
-    client: Client,
-    view: watch::Receiver<ClusterView>,
-    lease: LeaseState,
-    controller: watch::Receiver<bool>,
     fault: SessionFault,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -111,7 +107,7 @@ impl Member {
             .map_err(|_| Error::Shutdown)?;
         let first = ClusterView::read(&mut client, &keys).await?;
         on_view(&first);
-        let (view_tx, view) = watch::channel(first);
+        let (view_tx, _) = watch::channel(first);
         let wake = Arc::new(Notify::new());
         tasks.push(tokio::spawn(watch_state(
             client.clone(),
@@ -121,52 +117,21 @@ impl Member {
             wake.clone(),
             stopped.clone(),
         )));
-        let (controller_tx, controller) = watch::channel(false);
         tasks.push(tokio::spawn(campaign(
             client.clone(),
             keys.clone(),
             cfg.node_id.clone(),
             cfg.controller.clone(),
-            lease.clone(),
-            controller_tx,
+            lease,
             wake,
             stopped,
         )));
-        Ok(Member { keys, client, view, lease, controller, fault, stop, tasks })
-    }
-
-    /// The newest view of the cluster.
-    pub fn view(&self) -> ClusterView {
-        self.view.borrow().clone()
-    }
-
-    /// Changes of the view.
-    pub fn views(&self) -> watch::Receiver<ClusterView> {
-        self.view.clone()
-    }
-
-    /// This node holds a lease it believes valid.
-    pub fn has_lease(&self) -> bool {
-        self.lease.borrow().is_some()
-    }
-
-    /// This node is the controller.
-    pub fn is_controller(&self) -> bool {
-        *self.controller.borrow()
+        Ok(Member { keys, fault, stop, tasks })
     }
 
     /// Fault injection (tests): cut this node's session from etcd, or restore it.
     pub fn fault(&self) -> &SessionFault {
         &self.fault
-    }
-
-    pub fn keys(&self) -> &Keys {
-        &self.keys
-    }
-
-    /// An etcd client of this member's connection.
-    pub fn client(&self) -> Client {
-        self.client.clone()
     }
 
     /// Leaves the cluster: stops campaigning, revokes the lease (the node's shards
@@ -269,7 +234,6 @@ async fn campaign(
     node_id: String,
     cfg: ControllerConfig,
     mut lease: LeaseState,
-    controller: watch::Sender<bool>,
     wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -298,7 +262,6 @@ async fn campaign(
             }
         };
         tracing::info!(node = %node_id, "elected controller");
-        controller.send_replace(true);
         let mut c =
             Controller::new(client.clone(), keys.clone(), (leader.key().to_vec(), leader.rev()), cfg.clone());
         let resign = loop {
@@ -317,7 +280,6 @@ async fn campaign(
                 _ = stop.changed() => break true,
             }
         };
-        controller.send_replace(false);
         tracing::info!(node = %node_id, "no longer the controller");
         if resign {
             let options = etcd_client::ResignOptions::new().with_leader(leader);
@@ -346,26 +308,16 @@ impl ClusterStatus {
             Ok(r) => r.kv().and_then(|kv| kv.value_str().ok()).map(str::to_owned),
             Err(_) => None,
         };
-        let mut asks = tokio::task::JoinSet::new();
-        for (node, address) in &view.live {
-            let (node, address) = (node.clone(), address.clone());
-            asks.spawn(async move {
-                let answer = match crate::net::channel(&address) {
-                    Ok(channel) => crate::service::list_replicas(channel, super::controller::REPORT_TIMEOUT)
-                        .await
-                        .map_err(|s| s.message().to_owned()),
-                    Err(e) => Err(e.to_string()),
-                };
-                (node, answer)
-            });
-        }
-        let mut reports = std::collections::BTreeMap::new();
-        while let Some(done) = asks.join_next().await {
-            if let Ok((node, answer)) = done {
-                reports.insert(node, answer);
-            }
-        }
+        let reports = super::controller::ask_live_nodes(&view, |address| {
+            crate::net::channel(address).map_err(|e| e.to_string())
+        })
+        .await;
         Ok(ClusterStatus { view, controller, reports })
+    }
+
+    /// What `node` reported of its replica of `shard`, if it answered and holds one.
+    pub fn report(&self, node: &str, shard: u32) -> Option<&crate::ReplicaStatus> {
+        self.reports.get(node)?.as_ref().ok()?.iter().find(|s| s.shard == shard)
     }
 
     /// Every shard has a live leader that reports leading at the map's epoch and
@@ -379,12 +331,7 @@ impl ClusterStatus {
         let want = (spec.replicas as usize).min(self.view.placeable().count());
         self.view.shards.iter().enumerate().all(|(shard, a)| {
             let Some(a) = a else { return false };
-            let report = |node: &str| {
-                self.reports
-                    .get(node)
-                    .and_then(|r| r.as_ref().ok())
-                    .and_then(|r| r.iter().find(|s| s.shard as usize == shard))
-            };
+            let report = |node: &str| self.report(node, shard as u32);
             let Some(leader_address) = self.view.address(&a.leader) else { return false };
             let leading = report(&a.leader)
                 .is_some_and(|r| r.role == crate::Role::Leader { epoch: a.epoch } && !r.fenced);

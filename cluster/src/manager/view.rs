@@ -100,7 +100,8 @@ pub(crate) fn node_value(address: &str) -> String {
     serde_json::to_string(&NodeValue { address: address.to_owned() }).unwrap_or_default()
 }
 
-/// The cluster as etcd has it at one revision.
+/// The cluster as etcd has it at one revision (not kept: views compare equal when the
+/// cluster is the same, whatever else was written to etcd in between).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterView {
     pub spec: Option<ClusterSpec>,
@@ -111,8 +112,6 @@ pub struct ClusterView {
     /// By shard number; `None` until the controller places the shard.
     pub shards: Vec<Option<Assignment>>,
     pub draining: BTreeSet<String>,
-    /// The etcd revision read.
-    pub revision: i64,
 }
 
 impl ClusterView {
@@ -122,8 +121,7 @@ impl ClusterView {
             .get(keys.root(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| Error::Coordination(format!("reading the cluster state: {e}")))?;
-        let mut view =
-            ClusterView { revision: answer.header().map_or(0, |h| h.revision()), ..ClusterView::default() };
+        let mut view = ClusterView::default();
         let mut shards = BTreeMap::new();
         for kv in answer.kvs() {
             let (Ok(key), Ok(value)) = (kv.key_str(), kv.value_str()) else { continue };
@@ -158,11 +156,6 @@ impl ClusterView {
     /// A node's address, live or not.
     pub fn address(&self, node: &str) -> Option<&str> {
         self.live.get(node).or_else(|| self.members.get(node)).map(String::as_str)
-    }
-
-    /// The node with this address.
-    pub fn node_at(&self, address: &str) -> Option<&str> {
-        self.members.iter().chain(&self.live).find(|(_, a)| *a == address).map(|(n, _)| n.as_str())
     }
 
     /// Live nodes that take new replicas (not draining).

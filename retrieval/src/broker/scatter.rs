@@ -260,20 +260,19 @@ impl Broker {
         deadline: tokio::time::Instant,
         tx: &tokio::sync::mpsc::UnboundedSender<Report>,
     ) {
-        let mut by_node: Vec<Vec<RemoteWork>> = Vec::new();
+        // Shards with no replica to try, or when not batching, are groups of one.
+        let node_of = |w: &RemoteWork| {
+            w.replicas.first().filter(|_| self.cfg.batch_remote_queries).map(|r| r.address().to_owned())
+        };
+        let mut by_node: Vec<(Option<String>, Vec<RemoteWork>)> = Vec::new();
         for w in work {
-            let node = w.replicas.first().map(|r| r.address().to_owned());
-            let group = by_node.iter_mut().find(|g| {
-                self.cfg.batch_remote_queries
-                    && node.is_some()
-                    && g[0].replicas.first().map(|r| r.address()) == node.as_deref()
-            });
-            match group {
-                Some(g) => g.push(w),
-                None => by_node.push(vec![w]),
+            let node = node_of(&w);
+            match by_node.iter_mut().find(|(n, _)| node.is_some() && *n == node) {
+                Some((_, group)) => group.push(w),
+                None => by_node.push((node, vec![w])),
             }
         }
-        for group in by_node {
+        for (_, group) in by_node {
             let busy = self.busy.clone();
             let tx = tx.clone();
             if group.len() == 1 {
