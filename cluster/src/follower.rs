@@ -334,7 +334,6 @@ async fn bootstrap(
     let manifest = checkpoint::download(client, fetch, stop).await?;
     let (rep, m) = (replica.clone(), manifest.clone());
     blocking(move || rep.install(&m)).await?;
-    replica.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
     tracing::info!(
         shard,
         %leader,

@@ -214,6 +214,8 @@ pub struct Replica {
     /// A leader that takes no more writes (its node lost its lease, or a hand-over is
     /// under way) but still serves its log. Cleared by the next transition.
     fenced: AtomicBool,
+    /// Fences so far: a transition clears `fenced` only if none came while it ran.
+    fences: AtomicU64,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -260,6 +262,7 @@ impl Replica {
             stats: Stats::default(),
             diverged: AtomicBool::new(diverged),
             fenced: AtomicBool::new(false),
+            fences: AtomicU64::new(0),
             shutdown,
         });
         if let Some(store) = store {
@@ -417,9 +420,16 @@ impl Replica {
         }
     }
 
-    /// Fences a leader at once (its node lost its cluster lease); no-op otherwise.
+    /// Fences a leader at once (its node lost its cluster lease); no-op otherwise. A
+    /// transition under way is fenced too: it may be making this replica a leader, and
+    /// the fence must outlive it (see `fences`).
     pub fn fence_now(&self) {
-        if matches!(self.role(), Role::Leader { .. }) && !self.fenced.swap(true, Ordering::AcqRel) {
+        let transitioning = self.transitions.try_lock().is_err();
+        if !matches!(self.role(), Role::Leader { .. }) && !transitioning {
+            return;
+        }
+        self.fences.fetch_add(1, Ordering::AcqRel);
+        if !self.fenced.swap(true, Ordering::AcqRel) {
             self.stats.set_state("fenced");
             tracing::warn!(shard = self.shard, "leader fenced: no more writes at this epoch");
         }
@@ -458,6 +468,7 @@ impl Replica {
     /// The new role and epoch are persisted before they take effect.
     pub async fn transition(self: &Arc<Self>, target: Role) -> Result<ReplicaStatus> {
         let _serial = self.transitions.lock().await;
+        let fences_before = self.fences.load(Ordering::Acquire);
         let current = self.role_state();
         if let Some(e) = target.epoch()
             && e < current.promised
@@ -519,7 +530,10 @@ impl Replica {
             return Err(self.epoch_error(e));
         }
         self.role.lock().unwrap_or_else(|e| e.into_inner()).role = target.clone();
-        self.fenced.store(false, Ordering::Release);
+        // A new role lifts an earlier fence, not one that came during this transition.
+        if self.fences.load(Ordering::Acquire) == fences_before {
+            self.fenced.store(false, Ordering::Release);
+        }
         match target {
             Role::Follower { leader, epoch } => self.start_follower(leader, epoch),
             Role::Offline => self.stats.set_state("offline"),
@@ -642,6 +656,9 @@ impl Replica {
             )));
         }
         self.put_store(Arc::new(store));
+        // Counted before the replica turns readable: whoever sees it rebuilt sees the
+        // count too.
+        self.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
         self.mark_diverged(false)
     }
 

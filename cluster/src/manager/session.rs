@@ -166,7 +166,14 @@ async fn keep_alive(
                     continue;
                 }
                 if channel.is_none() {
-                    match tokio::time::timeout(ttl / 4, client.lease_keep_alive(id)).await {
+                    // Bounded by the lease's validity too: the check above cannot run
+                    // while this waits.
+                    let left = valid_until.saturating_duration_since(Instant::now());
+                    let reconnected = tokio::time::timeout((ttl / 4).min(left), client.lease_keep_alive(id)).await;
+                    if Instant::now() >= valid_until {
+                        return KeepAliveEnd::Lost;
+                    }
+                    match reconnected {
                         Ok(Ok(c)) => { channel = Some(c); pending.clear(); }
                         _ => continue,
                     }
