@@ -3,7 +3,8 @@
 //! candidates); 1% of pins deleted, 1% spam, 1,000 seen. OR of the bitmaps, AND-NOT
 //! filters and seen, newest-first scan bounded at 20k, the default light score, top 500.
 //! - `following`: followed boards only;
-//! - `home`: plus 5 followed topics (interest candidates in their own top-K).
+//! - `home`: plus 5 followed topics (interest candidates in their own top-K);
+//! - `recent_top100`: newest first (`-age_hours`), top 100 (a progressive first page).
 //!
 //! Run: `./dev bench --bench query`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
@@ -81,6 +82,11 @@ fn bench_query(c: &mut Criterion) {
         CandidateQuery { topics: (1..=5).map(|t| TopicId::new(t).unwrap()).collect(), ..following.clone() };
     let run = |q: &CandidateQuery| query::run(&shard, q, &query::ScanControl::unbounded()).unwrap();
     let full = CandidateQuery { full_scan: true, ..following.clone() };
+    let recent = CandidateQuery {
+        top_k: 100,
+        expr: Arc::new(Expr::compile("-age_hours").unwrap()),
+        ..following.clone()
+    };
     let home_full = CandidateQuery { full_scan: true, ..home.clone() };
     let answer = run(&following);
     assert_eq!(answer.following.len(), 500);
@@ -94,6 +100,7 @@ fn bench_query(c: &mut Criterion) {
         ("following_full_scan", &full),
         ("home", &home),
         ("home_full_scan", &home_full),
+        ("recent_top100", &recent),
     ] {
         group.bench_function(name, |b| b.iter(|| black_box(run(q))));
         println!("{name}: {} candidates scored", run(q).scanned);

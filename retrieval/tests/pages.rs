@@ -43,6 +43,7 @@ fn config() -> BrokerConfig {
         ranking_ttl: Duration::from_secs(60),
         ranking_cache_bytes: 64 << 20,
         full_scan: false,
+        progressive_ranking: true,
         batch_remote_queries: true,
         admission: feedgraph_retrieval::AdmissionConfig {
             in_progress: 8,

@@ -192,6 +192,11 @@ pub struct FeedConfig {
     /// candidates that cannot make the top-K. The same rankings, slower: for
     /// comparisons.
     pub full_scan: bool,
+    /// Rank only as far as the asked page needs when no ML model re-ranks the head (a
+    /// first page of 25 merges the best ~50 candidates, not `max_ranked`), and extend
+    /// the ranking from the same snapshot when a later page needs more. The same pages
+    /// either way; off, a first page ranks all `max_ranked` up front.
+    pub progressive_ranking: bool,
     /// Send a node the queries of all the shards a feed reads from it in one request
     /// (one round trip, one shared top-K floor) instead of one request per shard.
     pub batch_remote_queries: bool,
@@ -368,6 +373,7 @@ impl Default for FeedConfig {
             ranking_ttl_s: 600,
             ranking_cache_mb: 256,
             full_scan: false,
+            progressive_ranking: true,
             batch_remote_queries: true,
             max_rankings_in_progress: 0,
             max_rankings_queued: 16,
@@ -549,6 +555,7 @@ impl Config {
             ranking_ttl: Duration::from_secs(f.ranking_ttl_s.max(1)),
             ranking_cache_bytes: f.ranking_cache_mb << 20,
             full_scan: f.full_scan,
+            progressive_ranking: f.progressive_ranking,
             batch_remote_queries: f.batch_remote_queries,
             admission: AdmissionConfig {
                 in_progress: f.max_rankings_in_progress,

@@ -70,6 +70,11 @@ pub struct BrokerConfig {
     /// Examine every candidate up to `scan_limit` instead of skipping blocks that
     /// cannot make the top-K: the same rankings, slower (for comparisons).
     pub full_scan: bool,
+    /// Rank only as far as the asked page needs, when no ML model re-ranks the head:
+    /// a first page of 25 merges the best ~50, not `max_ranked`; a later page the
+    /// prefix does not settle extends the ranking from the same snapshot. The same
+    /// pages either way; off, the first page ranks all `max_ranked` up front.
+    pub progressive_ranking: bool,
     /// Remote shards served by one node are asked in one request
     /// ([`crate::RemoteReplica::node_candidates`]) rather than one request each.
     pub batch_remote_queries: bool,
@@ -152,15 +157,38 @@ impl FallbackReason {
     }
 }
 
-/// A computed ranking, cut into pages, with the snapshot it was computed from.
+/// A computed ranking, cut into pages, with the snapshot it was computed from: the
+/// whole ranked list, or a prefix of it (the best `limit` items).
 struct Ranking {
     pages: Vec<Vec<Candidate>>,
     stats: FeedStats,
     /// Per shard, the ordinal bound its candidates came from (0: not asked).
     watermarks: Vec<u32>,
+    page_size: usize,
+    /// The list held every item of the whole ranking; else only its best `limit`.
+    complete: bool,
+    /// How many of the best items the list was asked for.
+    limit: usize,
 }
 
 impl Ranking {
+    /// Page `index` of the whole ranking and whether another page follows it, when
+    /// this list settles them; `None` when only a longer prefix would.
+    ///
+    /// Pagination places each item, in rank order, on the earliest page with room
+    /// ([`rank::paginate`]), so a full page takes nothing more from items further down:
+    /// it is final. An item of the prefix on a later page is on a later page of the
+    /// whole ranking too, so a page follows.
+    fn settled_page(&self, index: usize) -> Option<(&[Candidate], bool)> {
+        if self.complete {
+            let page = self.pages.get(index).map_or(&[][..], Vec::as_slice);
+            return Some((page, index + 1 < self.pages.len()));
+        }
+        let page = self.pages.get(index).filter(|p| p.len() >= self.page_size)?;
+        let more = self.pages.get(index + 1..).is_some_and(|later| later.iter().any(|p| !p.is_empty()));
+        more.then_some((page.as_slice(), true))
+    }
+
     /// Bytes held, for the cache's budget.
     fn weight(&self) -> u32 {
         let items: usize = self.pages.iter().map(|p| p.capacity()).sum();
@@ -321,8 +349,8 @@ impl Broker {
                 ),
             });
         };
-        let mut from_cache = false;
-        let (state, ranking) = match cursor {
+        let first_page = cursor.is_none();
+        let (mut state, cached) = match cursor {
             Some(st) => {
                 if st.user != req.user.get() || st.kind != kind {
                     return Err(bad_cursor("cursor was issued for another user or feed".into()));
@@ -333,68 +361,104 @@ impl Broker {
                 if st.watermarks.len() != self.shard_count() as usize {
                     return Err(bad_cursor("cursor was issued by a service with another shard count".into()));
                 }
-                let ranking = match self.rankings.get(&st.ranking_id) {
-                    Some(r) => {
-                        from_cache = true;
-                        r
-                    }
-                    None => {
-                        let bounds = Some(st.watermarks.clone());
-                        let r =
-                            self.compute(kind, req, expr, st.now_ms, bounds, st.page_size as usize).await?;
-                        self.rankings.insert(st.ranking_id, r.clone());
-                        r
-                    }
-                };
-                (st, ranking)
+                let cached = self.rankings.get(&st.ranking_id);
+                (st, cached)
             }
             None => {
-                let now = now_ms;
-                let page_size = req.page_size.get() as usize;
-                let ranking = self.compute(kind, req, expr, now, None, page_size).await?;
-                let ranking_id = rand::random::<u64>();
-                self.rankings.insert(ranking_id, ranking.clone());
                 let st = CursorState {
                     kind,
                     user: req.user.get(),
                     ranking: ranking_name,
-                    ranking_id,
+                    ranking_id: rand::random::<u64>(),
                     page: 0,
                     page_size: req.page_size.get(),
-                    now_ms: now,
-                    watermarks: ranking.watermarks.clone(),
+                    now_ms,
+                    // Set from the ranking's snapshot below.
+                    watermarks: Vec::new(),
                 };
-                (st, ranking)
+                (st, None)
             }
         };
         let index = state.page as usize;
-        let items = ranking.pages.get(index).cloned().unwrap_or_default();
-        let next_cursor = (index + 1 < ranking.pages.len())
-            .then(|| self.cursors.encode(&CursorState { page: state.page + 1, ..state.clone() }));
+        let (ranking, from_cache) = match cached {
+            Some(r) if r.settled_page(index).is_some() => (r, true),
+            cached => {
+                // A later page is computed from its first page's snapshot (the cached
+                // prefix was too short for it, or the cache no longer has it).
+                let bounds = (!first_page).then(|| state.watermarks.clone());
+                let shorter = cached.map(|r| r.limit);
+                let r = self
+                    .compute(kind, req, expr, state.now_ms, bounds, state.page_size as usize, index, shorter)
+                    .await?;
+                self.rankings.insert(state.ranking_id, r.clone());
+                (r, false)
+            }
+        };
+        if first_page {
+            state.watermarks = ranking.watermarks.clone();
+        }
+        let (items, more) = ranking.settled_page(index).ok_or_else(|| {
+            Error::Internal(format!("a ranking computed for page {index} does not settle it"))
+        })?;
+        let items = items.to_vec();
+        let next_cursor =
+            more.then(|| self.cursors.encode(&CursorState { page: state.page + 1, ..state.clone() }));
         let stats = FeedStats { from_cache, ..ranking.stats.clone() };
         Ok(FeedPage { items, next_cursor, stats })
     }
 
-    /// Computes a whole ranking from a snapshot: `now_ms` and, for a later page, the
+    /// Computes a ranking from a snapshot — `now_ms` and, for a later page, the
     /// per-shard ordinal bounds of its first page (`None`: each shard's own watermark,
-    /// recorded in the ranking). The request's features are bound to the expression
-    /// here (a ranking recomputed for a later page uses that request's features).
+    /// recorded in the ranking) — far enough to settle page `index`
+    /// ([`Ranking::settled_page`]): the whole ranking, or with `progressive_ranking`
+    /// and no model, the best items the pages up to it and one more hold (at least
+    /// twice a `shorter` prefix computed before), and the whole ranking if they do not
+    /// settle it. The request's features
+    /// are bound to the expression here (a ranking recomputed for a later page uses that
+    /// request's features).
+    #[allow(clippy::too_many_arguments)]
     async fn compute(
         &self,
         kind: FeedKind,
         req: &FeedRequest,
         expr: Arc<Expr>,
         now_ms: i64,
-        bounds: Option<Vec<u32>>,
+        mut bounds: Option<Vec<u32>>,
         page_size: usize,
+        index: usize,
+        shorter: Option<usize>,
     ) -> Result<Arc<Ranking>> {
         let _slot = self.admission.enter().await?;
-        let gathered = self.gather(kind, req, expr, now_ms, bounds).await?;
-        let watermarks = gathered.watermarks.clone();
-        let (list, stats) = self.rerank(kind, req, gathered, now_ms).await;
-        let (per_owner, per_board) = (self.cfg.max_per_owner, self.cfg.max_per_board);
-        let pages = blocking(move || Ok(rank::paginate(list, page_size, per_owner, per_board))).await?;
-        Ok(Arc::new(Ranking { pages, stats, watermarks }))
+        let whole = self.cfg.max_ranked;
+        // Pages up to this one and one more: room for items the caps push down.
+        let needed = index.saturating_add(2).saturating_mul(page_size);
+        let mut limit = if self.cfg.progressive_ranking && self.cfg.model.is_none() {
+            needed.max(shorter.map_or(0, |l| l.saturating_mul(2))).min(whole)
+        } else {
+            whole
+        };
+        let mut scanned = 0;
+        loop {
+            let gathered = self.gather(kind, req, expr.clone(), now_ms, bounds.clone(), limit).await?;
+            // Fewer than asked: every candidate was in reach, the list is the whole ranking.
+            let complete = limit >= whole || gathered.list.len() < limit;
+            let watermarks = gathered.watermarks.clone();
+            let (list, mut stats) = self.rerank(kind, req, gathered, now_ms).await;
+            scanned += stats.candidates_scanned;
+            stats.candidates_scanned = scanned;
+            let (per_owner, per_board) = (self.cfg.max_per_owner, self.cfg.max_per_board);
+            let pages = blocking(move || Ok(rank::paginate(list, page_size, per_owner, per_board))).await?;
+            let ranking = Ranking { pages, stats, watermarks, page_size, complete, limit };
+            if ranking.settled_page(index).is_some() {
+                return Ok(Arc::new(ranking));
+            }
+            // The whole ranking, from the same snapshot. (A page the prefix does not
+            // fill is mostly held back by the per-owner and per-board caps, which a
+            // longer prefix may never get past; every round costs a scan, so two at
+            // most.)
+            bounds.get_or_insert(ranking.watermarks);
+            limit = whole;
+        }
     }
 
     /// The scorer request the broker would send for the user's feed now, whatever the
@@ -408,7 +472,7 @@ impl Broker {
             ))
         })?;
         let now = now_ms();
-        let g = self.gather(kind, req, expr, now, None).await?;
+        let g = self.gather(kind, req, expr, now, None, self.cfg.max_ranked).await?;
         let take = self.cfg.model.as_ref().map_or(self.cfg.max_ranked, |m| m.candidates).min(g.list.len());
         let model = self.cfg.model.as_ref().map_or("", |m| m.name.as_str());
         Ok(features::score_batch(model, &g.list[..take], req, &g.follows, kind, now))

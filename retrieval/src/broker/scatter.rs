@@ -40,9 +40,10 @@ struct RemoteWork {
 }
 
 impl Broker {
-    /// Candidates from every shard the user's follows and interests live on, merged
-    /// (and blended, for home) by light score. `bounds`: a ranking's per-shard ordinal
-    /// snapshot (a shard bounded at 0 had nothing then and is not asked).
+    /// The best `limit` candidates from every shard the user's follows and interests
+    /// live on, merged (and blended, for home) by light score. `bounds`: a ranking's
+    /// per-shard ordinal snapshot (a shard bounded at 0 had nothing then and is not
+    /// asked).
     pub(super) async fn gather(
         &self,
         kind: FeedKind,
@@ -50,6 +51,7 @@ impl Broker {
         expr: Arc<Expr>,
         now_ms: i64,
         bounds: Option<Vec<u32>>,
+        limit: usize,
     ) -> Result<Gathered> {
         let user = req.user;
         let follows = self.follows_of(user).await?;
@@ -62,7 +64,8 @@ impl Broker {
             topics: Vec::new(),
             engaged_topics: Vec::new(),
             blocked: follows.blocked.clone(),
-            top_k: self.cfg.candidates_per_shard,
+            // The best `limit` of the merged list are among each shard's best `limit`.
+            top_k: self.cfg.candidates_per_shard.min(limit),
             scan_limit: self.cfg.scan_limit,
             request_values: expr
                 .request_features()
@@ -120,11 +123,9 @@ impl Broker {
         let deadline = tokio::time::Instant::now() + self.cfg.shard_deadline;
         // Local scans stop at the deadline, or as soon as this request is done with them
         // or dropped (its client went away or its gRPC deadline passed). Floors are
-        // shared when every shard keeps at least a whole ranking's worth.
-        let control = Arc::new(ScanControl::new(
-            Some(deadline.into_std()),
-            self.cfg.candidates_per_shard >= self.cfg.max_ranked,
-        ));
+        // shared when every shard keeps at least the merged list's worth.
+        let control =
+            Arc::new(ScanControl::new(Some(deadline.into_std()), self.cfg.candidates_per_shard >= limit));
         let _cancel = CancelOnDrop(control.clone());
         let mut local: Vec<(usize, CandidateQuery, Arc<Shard>)> = Vec::new();
         let mut remote: Vec<RemoteWork> = Vec::new();
@@ -187,7 +188,7 @@ impl Broker {
             following.push(a.following);
             interest.push(a.interest);
         }
-        let (limit, share) = (self.cfg.max_ranked, self.cfg.home_interest_share);
+        let share = self.cfg.home_interest_share;
         // Merging thousands of candidates is CPU work: off the async executor.
         let list = blocking(move || {
             let following = rank::merge(following, limit);
