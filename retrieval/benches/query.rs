@@ -4,7 +4,9 @@
 //! filters and seen, newest-first scan bounded at 20k, the default light score, top 500.
 //! - `following`: followed boards only;
 //! - `home`: plus 5 followed topics (interest candidates in their own top-K);
-//! - `recent_top100`: newest first (`-age_hours`), top 100 (a progressive first page).
+//! - `recent_top100`: newest first (`-age_hours`), top 100 (a progressive first page);
+//! - `following_20_boards`, `recent_top100_20_boards`: the same with 20 followed boards,
+//!   a shard's part of a demo viewer's feed (~2k candidates).
 //!
 //! Run: `./dev bench --bench query`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
@@ -88,6 +90,10 @@ fn bench_query(c: &mut Criterion) {
         ..following.clone()
     };
     let home_full = CandidateQuery { full_scan: true, ..home.clone() };
+    // A shard's part of a demo feed: ~20 followed sources there, ~2k candidates
+    // (merged as the scan goes, not materialized).
+    let few = CandidateQuery { boards: following.boards[..20].to_vec(), ..following.clone() };
+    let few_recent = CandidateQuery { boards: few.boards.clone(), ..recent.clone() };
     let answer = run(&following);
     assert_eq!(answer.following.len(), 500);
     // Skipping blocks changes the work, never the answer.
@@ -101,6 +107,8 @@ fn bench_query(c: &mut Criterion) {
         ("home", &home),
         ("home_full_scan", &home_full),
         ("recent_top100", &recent),
+        ("following_20_boards", &few),
+        ("recent_top100_20_boards", &few_recent),
     ] {
         group.bench_function(name, |b| b.iter(|| black_box(run(q))));
         println!("{name}: {} candidates scored", run(q).scanned);

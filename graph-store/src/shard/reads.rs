@@ -99,48 +99,70 @@ impl Shard {
             .collect()
     }
 
-    /// `bitmaps` through the cache, in input order; the misses in one batched read.
-    fn bitmaps_cached(&self, cf: Cf, keys: Vec<Vec<u8>>) -> Result<Vec<Arc<RoaringBitmap>>> {
-        let cache_keys: Vec<Option<(u8, u64)>> = keys.iter().map(|k| ReadCache::key(cf, k)).collect();
-        let cached: Vec<Option<Arc<RoaringBitmap>>> =
-            cache_keys.iter().map(|ck| ck.and_then(|ck| self.cache.bitmaps.get(&ck))).collect();
-        let missing: Vec<usize> = (0..keys.len()).filter(|i| cached[*i].is_none()).collect();
-        let fetched = self.cache.read_through(
-            || missing.is_empty().then(Vec::new),
-            || {
-                let fetched = self.bitmaps(cf, missing.iter().map(|i| keys[*i].clone()).collect())?;
-                Ok(fetched.into_iter().map(Arc::new).collect::<Vec<_>>())
-            },
-            |fetched| {
-                for (i, bitmap) in missing.iter().zip(fetched) {
-                    if let Some(ck) = cache_keys[*i] {
-                        self.cache.bitmaps.insert(ck, bitmap.clone());
+    /// `bitmaps` of `ids` through the cache, in input order; the misses in one
+    /// batched read. `db_key` is an id's stored key (and [`ReadCache::key`] of it is
+    /// the id's cache key, so writes invalidate what is read here).
+    fn bitmaps_cached(
+        &self,
+        cf: Cf,
+        ids: impl ExactSizeIterator<Item = u64>,
+        db_key: impl Fn(u64) -> Vec<u8>,
+    ) -> Result<Vec<Arc<RoaringBitmap>>> {
+        let tag = ReadCache::tag(cf);
+        let mut out: Vec<Option<Arc<RoaringBitmap>>> = Vec::with_capacity(ids.len());
+        let mut missing: Vec<(usize, u64)> = Vec::new();
+        for (i, id) in ids.enumerate() {
+            let hit = tag.and_then(|tag| self.cache.bitmaps.get(&(tag, id)));
+            if hit.is_none() {
+                missing.push((i, id));
+            }
+            out.push(hit);
+        }
+        if !missing.is_empty() {
+            let fetched = self.cache.read_through(
+                || None,
+                || {
+                    let keys = missing.iter().map(|(_, id)| db_key(*id)).collect();
+                    Ok(self.bitmaps(cf, keys)?.into_iter().map(Arc::new).collect::<Vec<_>>())
+                },
+                |fetched| {
+                    if let Some(tag) = tag {
+                        for ((_, id), bitmap) in missing.iter().zip(fetched) {
+                            self.cache.bitmaps.insert((tag, *id), bitmap.clone());
+                        }
                     }
-                }
-            },
-        )?;
-        let mut fetched = fetched.into_iter();
-        Ok(cached.into_iter().map(|c| c.or_else(|| fetched.next()).unwrap_or_default()).collect())
+                },
+            )?;
+            for ((i, _), bitmap) in missing.iter().zip(fetched) {
+                out[*i] = Some(bitmap);
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     /// Cached `user_pins` of many users, in input order (the retrieval hot path).
     pub fn user_pins_cached(&self, users: &[UserId]) -> Result<Vec<Arc<RoaringBitmap>>> {
-        self.bitmaps_cached(Cf::UserPins, users.iter().map(|u| u64_key(u.get()).to_vec()).collect())
+        self.bitmaps_cached(Cf::UserPins, users.iter().map(|u| u.get()), |id| u64_key(id).to_vec())
     }
 
     /// Cached `board_pins` of many boards, in input order.
     pub fn board_pins_cached(&self, boards: &[BoardId]) -> Result<Vec<Arc<RoaringBitmap>>> {
-        self.bitmaps_cached(Cf::BoardPins, boards.iter().map(|b| u64_key(b.get()).to_vec()).collect())
+        self.bitmaps_cached(Cf::BoardPins, boards.iter().map(|b| b.get()), |id| u64_key(id).to_vec())
     }
 
     /// Cached `topic_pins` of many topics, in input order.
     pub fn topic_pins_cached(&self, topics: &[TopicId]) -> Result<Vec<Arc<RoaringBitmap>>> {
-        self.bitmaps_cached(Cf::TopicPins, topics.iter().map(|t| u32_key(t.get()).to_vec()).collect())
+        // Topic ids are u32: the cast back is exact.
+        self.bitmaps_cached(Cf::TopicPins, topics.iter().map(|t| u64::from(t.get())), |id| {
+            u32_key(id as u32).to_vec()
+        })
     }
 
     /// Cached filter bitmaps, in [`FilterKind::ALL`] order.
     pub fn filters_cached(&self) -> Result<Vec<Arc<RoaringBitmap>>> {
-        self.bitmaps_cached(Cf::Filters, FilterKind::ALL.iter().map(|k| k.key().to_vec()).collect())
+        self.bitmaps_cached(Cf::Filters, (0..FilterKind::ALL.len()).map(|i| i as u64), |i| {
+            FilterKind::ALL.get(i as usize).map_or_else(Vec::new, |k| k.key().to_vec())
+        })
     }
 
     /// Ordinals of the pins a user owns (empty for an unknown user).
@@ -190,6 +212,12 @@ impl Shard {
             || Ok(Arc::new(self.follows(user)?)),
             |f| self.cache.follows.insert(user, f.clone()),
         )
+    }
+
+    /// `follows` if the cache holds it: a lookup in memory, never a disk read (for
+    /// callers that must not block).
+    pub fn follows_if_cached(&self, user: UserId) -> Option<Arc<Follows>> {
+        self.cache.follows.get(&user)
     }
 
     /// A user's follow and block lists (empty for an unknown user).

@@ -233,6 +233,19 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
 }
 
+/// Merging or paginating at most this many candidates runs on the executor (tens of
+/// µs); more goes to the blocking pool, whose round trip costs two thread wake-ups —
+/// more than the work itself for a page-sized list.
+const INLINE_CANDIDATES: usize = 2048;
+
+/// `f`, CPU work over `candidates` items: inline when small, else on the blocking pool.
+async fn cpu_work<T: Send + 'static>(
+    candidates: usize,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    if candidates <= INLINE_CANDIDATES { f() } else { blocking(f).await }
+}
+
 impl Broker {
     /// A broker over every shard in this process (`shards[i]` holds shard `i`), with no
     /// replication. `cursor_key` authenticates cursors: keep it across restarts so that
@@ -447,7 +460,9 @@ impl Broker {
             scanned += stats.candidates_scanned;
             stats.candidates_scanned = scanned;
             let (per_owner, per_board) = (self.cfg.max_per_owner, self.cfg.max_per_board);
-            let pages = blocking(move || Ok(rank::paginate(list, page_size, per_owner, per_board))).await?;
+            let pages =
+                cpu_work(list.len(), move || Ok(rank::paginate(list, page_size, per_owner, per_board)))
+                    .await?;
             let ranking = Ranking { pages, stats, watermarks, page_size, complete, limit };
             if ranking.settled_page(index).is_some() {
                 return Ok(Arc::new(ranking));

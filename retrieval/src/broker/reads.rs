@@ -56,6 +56,13 @@ impl Broker {
     /// block change).
     pub async fn follows_of(&self, user: UserId) -> Result<Arc<Follows>> {
         let shard = shard_of(user, self.shard_count());
+        // A cached list from a readable local replica needs no trip to the blocking pool.
+        if let Some(Replica::Local(l)) = self.shards.readers(shard).first()
+            && let Ok(store) = l.readable(self.read_after(shard))
+            && let Some(follows) = store.follows_if_cached(user)
+        {
+            return Ok(follows);
+        }
         self.read_shard(shard, move |s| Ok(s.follows_cached(user)?), move |r, after| r.follows(user, after))
             .await
     }
