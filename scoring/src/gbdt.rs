@@ -235,6 +235,11 @@ impl Ensemble {
                 Ok(!((leaf_base + leaf) as i32))
             }
         };
+        // A tree reaches every node but the root, and every leaf, from exactly one
+        // parent. Forward-pointing children alone allow a node reached twice, which
+        // the depth-first flattening copies once per path: exponentially many.
+        let mut node_parents = vec![0u32; internal];
+        let mut leaf_parents = vec![0u32; num_leaves];
         for i in 0..internal {
             if split_feature[i] >= features {
                 return Err(format!("{name}: split on feature {} of {features}", split_feature[i]));
@@ -260,6 +265,23 @@ impl Ensemble {
                 left: child(left[i])?,
                 right: child(right[i])?,
             });
+            // In range: `child` checked both.
+            for c in [left[i], right[i]] {
+                match usize::try_from(c) {
+                    Ok(node) => node_parents[node] += 1,
+                    Err(_) => leaf_parents[!c as usize] += 1,
+                }
+            }
+        }
+        if let Some(node) = node_parents.iter().skip(1).position(|p| *p != 1) {
+            return Err(format!(
+                "{name}: node {} is reached {} times, not once",
+                node + 1,
+                node_parents[node + 1]
+            ));
+        }
+        if let Some(leaf) = leaf_parents.iter().position(|p| *p != 1) {
+            return Err(format!("{name}: leaf {leaf} is reached {} times, not once", leaf_parents[leaf]));
         }
         self.roots.push(node_base as i32);
         Ok(())
@@ -490,5 +512,42 @@ end of trees
             assert!(Ensemble::parse(&broken, "t").is_err(), "{from} → {to} was accepted");
         }
         assert!(Ensemble::parse(&MODEL[..MODEL.find("Tree=0").unwrap()], "t").is_err());
+    }
+
+    /// Internal nodes that share a child pointed forward and passed validation, and
+    /// the flattening then copied the shared subtree once per path: this 60-node
+    /// chain (both children of each node are the next node) is 2^60 paths. Refused
+    /// at once, as is a leaf reached twice or never.
+    #[test]
+    fn refuses_a_node_reached_twice() {
+        let chain = |internal: usize| {
+            let nodes = |f: &dyn Fn(usize) -> String| (0..internal).map(f).collect::<Vec<_>>().join(" ");
+            let next = |i: usize| if i + 1 < internal { (i + 1).to_string() } else { "-1".into() };
+            MODEL
+                .replacen("num_leaves=3", &format!("num_leaves={}", internal + 1), 1)
+                .replacen("split_feature=0 1", &format!("split_feature={}", nodes(&|_| "0".into())), 1)
+                .replacen("threshold=0.5 0.25", &format!("threshold={}", nodes(&|_| "0.5".into())), 1)
+                .replacen("decision_type=2 2", &format!("decision_type={}", nodes(&|_| "2".into())), 1)
+                .replacen("left_child=1 -1", &format!("left_child={}", nodes(&next)), 1)
+                .replacen("right_child=-2 -3", &format!("right_child={}", nodes(&next)), 1)
+                .replacen(
+                    "leaf_value=0.1 0.2 0.3",
+                    &format!("leaf_value=0.1 {}", nodes(&|_| "0.2".into())),
+                    1,
+                )
+        };
+        let started = std::time::Instant::now();
+        let err = Ensemble::parse(&chain(60), "t").unwrap_err().to_string();
+        assert!(err.contains("node 1 is reached 2 times"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        for (from, to) in [
+            // Node 0's children are both node 1; leaf 1 is never reached.
+            ("right_child=-2 -3", "right_child=1 -3"),
+            // Leaf 0 twice, leaf 2 never.
+            ("right_child=-2 -3", "right_child=-2 -1"),
+        ] {
+            let broken = MODEL.replacen(from, to, 1);
+            assert!(Ensemble::parse(&broken, "t").is_err(), "{from} → {to} was accepted");
+        }
     }
 }
