@@ -450,6 +450,11 @@ impl Broker {
         } else {
             whole
         };
+        // A prefix settles a page only by filling it; when the per-owner cap leaves no
+        // page fillable, only the whole ranking settles one: skip the doomed round.
+        if limit < whole && kind == FeedKind::Following && !self.pages_can_fill(req, page_size).await? {
+            limit = whole;
+        }
         let mut scanned = 0;
         loop {
             let gathered = self.gather(kind, req, expr.clone(), now_ms, bounds.clone(), limit).await?;
@@ -474,6 +479,23 @@ impl Broker {
             bounds.get_or_insert(ranking.watermarks);
             limit = whole;
         }
+    }
+
+    /// Whether a following-feed page could be full: its candidates' owners are among
+    /// the followed users and the followed boards' owners, each with at most
+    /// `max_per_owner` items on a page. (A viewer following 10 accounts never fills a
+    /// page of 50 under a cap of 3.)
+    async fn pages_can_fill(&self, req: &FeedRequest, page_size: usize) -> Result<bool> {
+        let follows = self.follows_of(req.user).await?;
+        let mut owners: Vec<u64> = follows
+            .users
+            .iter()
+            .chain(follows.boards.iter().map(|(_, owner)| owner))
+            .map(|u| u.get())
+            .collect();
+        owners.sort_unstable();
+        owners.dedup();
+        Ok(owners.len().saturating_mul(self.cfg.max_per_owner.max(1)) >= page_size)
     }
 
     /// The scorer request the broker would send for the user's feed now, whatever the
