@@ -6,7 +6,8 @@
 //! - `home`: plus 5 followed topics (interest candidates in their own top-K);
 //! - `recent_top100`: newest first (`-age_hours`), top 100 (a progressive first page);
 //! - `following_20_boards`, `recent_top100_20_boards`: the same with 20 followed boards,
-//!   a shard's part of a demo viewer's feed (~2k candidates).
+//!   a shard's part of a demo viewer's feed (~2k candidates), merged as the scan goes;
+//! - `recent_top100_20_boards_union`: the same page from the materialized union.
 //!
 //! Run: `./dev bench --bench query`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
@@ -94,6 +95,10 @@ fn bench_query(c: &mut Criterion) {
     // (merged as the scan goes, not materialized).
     let few = CandidateQuery { boards: following.boards[..20].to_vec(), ..following.clone() };
     let few_recent = CandidateQuery { boards: few.boards.clone(), ..recent.clone() };
+    // The same page from the materialized union: a scan limit below the sources' ~2k
+    // candidates rules the merge out, and the newest 100 are well within it.
+    let few_recent_union = CandidateQuery { scan_limit: 1_500, ..few_recent.clone() };
+    assert_eq!(run(&few_recent).following, run(&few_recent_union).following);
     let answer = run(&following);
     assert_eq!(answer.following.len(), 500);
     // Skipping blocks changes the work, never the answer.
@@ -109,6 +114,7 @@ fn bench_query(c: &mut Criterion) {
         ("recent_top100", &recent),
         ("following_20_boards", &few),
         ("recent_top100_20_boards", &few_recent),
+        ("recent_top100_20_boards_union", &few_recent_union),
     ] {
         group.bench_function(name, |b| b.iter(|| black_box(run(q))));
         println!("{name}: {} candidates scored", run(q).scanned);

@@ -216,9 +216,9 @@ pub fn run(shard: &Shard, q: &CandidateQuery, control: &ScanControl) -> Result<S
     // `oldest`. Skipping blocks must not move that line.
     let (mut ordinals, oldest) = if most <= q.scan_limit as u64 && sources.len() <= MERGE_MAX_SOURCES {
         let merge = SourceMerge::new(&sources, following_sources, &seen, watermark);
-        (Newest::Merge { merge, budget: MERGE_BUDGET, upper: watermark, has_interest }, 0)
+        (Newest::Merge { merge, budget: MERGE_BUDGET, upper: watermark }, 0)
     } else {
-        let (mut candidates, following_set) = union(&sources, following_sources, has_interest);
+        let (mut candidates, following_set) = union(&sources, following_sources);
         for filter in shard.filters_cached()? {
             candidates -= filter.as_ref();
         }
@@ -402,25 +402,22 @@ const MERGE_MAX_SOURCES: usize = 256;
 /// What a merge may spend before the rest of its candidates is materialized: a
 /// candidate handed out costs 1, a skip [`MERGE_SKIP_COST`] (each source seeks). A
 /// recency page visits ~50 candidates of a shard; a ranking that visits and skips
-/// many is cheaper from the union (measured: merging all the way was 20% slower than
-/// the union on a default-ranked following feed, and 35% faster on a recency page).
+/// many is cheaper from the union (`benches/query.rs`: `recent_top100_20_boards`
+/// against its `_union` twin; merging a default-ranked feed all the way measured
+/// slower than the union while this was built).
 const MERGE_BUDGET: u32 = 256;
 const MERGE_SKIP_COST: u32 = 8;
 
-/// The union of the sources (`following` of them following sources), and when there
-/// is an interest group, the following group's union. One union per group: a union
-/// materializes its result (roaring's containers become bitsets and back).
-fn union(
-    sources: &[&RoaringBitmap],
-    following: usize,
-    has_interest: bool,
-) -> (RoaringBitmap, Option<RoaringBitmap>) {
+/// The union of the sources (the first `following` of them following sources), and
+/// when there is an interest group, the following group's union. One union per group:
+/// a union materializes its result (roaring's containers become bitsets and back).
+fn union(sources: &[&RoaringBitmap], following: usize) -> (RoaringBitmap, Option<RoaringBitmap>) {
     let following_set = sources[..following].iter().copied().union();
-    if has_interest {
-        let interest_set = sources[following..].iter().copied().union();
-        ([&following_set, &interest_set].into_iter().union(), Some(following_set))
-    } else {
+    let interest_set = sources[following..].iter().copied().union();
+    if interest_set.is_empty() {
         (following_set, None)
+    } else {
+        ([&following_set, &interest_set].into_iter().union(), Some(following_set))
     }
 }
 
@@ -434,7 +431,7 @@ enum Newest<'a> {
     Union { iter: roaring::bitmap::IntoIter, following: Option<RoaringBitmap>, filtered: bool },
     /// Merged from the sources as the scan goes, until `budget` is spent; every
     /// candidate not yet handed out is below `upper`.
-    Merge { merge: SourceMerge<'a>, budget: u32, upper: u32, has_interest: bool },
+    Merge { merge: SourceMerge<'a>, budget: u32, upper: u32 },
 }
 
 impl Newest<'_> {
@@ -478,8 +475,8 @@ impl Newest<'_> {
     /// A merge whose budget is spent goes on from the union of what it has not
     /// handed out.
     fn materialize(&mut self) {
-        if let Newest::Merge { merge, upper, has_interest, .. } = self {
-            let (mut rest, following) = union(&merge.sources, merge.following_sources, *has_interest);
+        if let Newest::Merge { merge, upper, .. } = self {
+            let (mut rest, following) = union(merge.sources, merge.following_sources);
             rest -= merge.seen;
             rest.remove_range(*upper..);
             *self = Newest::Union { iter: rest.into_iter(), following, filtered: false };
@@ -495,7 +492,8 @@ struct SourceMerge<'a> {
     /// Per source: its newest ordinal not yet merged, the rest, and whether it is a
     /// following source.
     heads: Vec<(Option<u32>, roaring::bitmap::Iter<'a>, bool)>,
-    sources: Vec<&'a RoaringBitmap>,
+    /// The sources, the first `following_sources` of them following sources.
+    sources: &'a [&'a RoaringBitmap],
     following_sources: usize,
     seen: &'a RoaringBitmap,
     /// The block being handed out: its first ordinal, and as bitsets its candidates
@@ -511,7 +509,12 @@ const MERGE_WORDS: usize = (MERGE_BLOCK / 64) as usize;
 impl<'a> SourceMerge<'a> {
     /// The first `following` sources are following sources; only ordinals below
     /// `watermark` are merged.
-    fn new(sources: &[&'a RoaringBitmap], following: usize, seen: &'a RoaringBitmap, watermark: u32) -> Self {
+    fn new(
+        sources: &'a [&'a RoaringBitmap],
+        following: usize,
+        seen: &'a RoaringBitmap,
+        watermark: u32,
+    ) -> Self {
         let heads = sources
             .iter()
             .enumerate()
@@ -531,7 +534,7 @@ impl<'a> SourceMerge<'a> {
             .collect();
         Self {
             heads,
-            sources: sources.to_vec(),
+            sources,
             following_sources: following,
             seen,
             block_start: 0,
@@ -715,7 +718,7 @@ mod tests {
             // Some merges run out of budget on the way and go on from the union.
             let budget = rng.random_range(0..400);
             let merge = SourceMerge::new(&refs, following, &seen, watermark);
-            let mut merge = Newest::Merge { merge, budget, upper: watermark, has_interest };
+            let mut merge = Newest::Merge { merge, budget, upper: watermark };
             let mut expected = union.iter();
             for _ in 0..10_000 {
                 if rng.random_ratio(1, 20) {

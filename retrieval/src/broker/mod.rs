@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use feedgraph_graph_store::Shard;
+use feedgraph_graph_store::{Follows, Shard};
 use feedgraph_model::FeedRequest;
 use feedgraph_scoring::{Expr, ScoreBatch, Scorer};
 use moka::sync::Cache;
@@ -450,14 +450,19 @@ impl Broker {
         } else {
             whole
         };
+        let follows = self.follows_of(req.user).await?;
         // A prefix settles a page only by filling it; when the per-owner cap leaves no
         // page fillable, only the whole ranking settles one: skip the doomed round.
-        if limit < whole && kind == FeedKind::Following && !self.pages_can_fill(req, page_size).await? {
+        if limit < whole
+            && kind == FeedKind::Following
+            && !pages_can_fill(&follows, page_size, self.cfg.max_per_owner)
+        {
             limit = whole;
         }
         let mut scanned = 0;
         loop {
-            let gathered = self.gather(kind, req, expr.clone(), now_ms, bounds.clone(), limit).await?;
+            let gathered =
+                self.gather(kind, req, follows.clone(), expr.clone(), now_ms, bounds.clone(), limit).await?;
             // Fewer than asked: every candidate was in reach, the list is the whole ranking.
             let complete = limit >= whole || gathered.list.len() < limit;
             let watermarks = gathered.watermarks.clone();
@@ -481,23 +486,6 @@ impl Broker {
         }
     }
 
-    /// Whether a following-feed page could be full: its candidates' owners are among
-    /// the followed users and the followed boards' owners, each with at most
-    /// `max_per_owner` items on a page. (A viewer following 10 accounts never fills a
-    /// page of 50 under a cap of 3.)
-    async fn pages_can_fill(&self, req: &FeedRequest, page_size: usize) -> Result<bool> {
-        let follows = self.follows_of(req.user).await?;
-        let mut owners: Vec<u64> = follows
-            .users
-            .iter()
-            .chain(follows.boards.iter().map(|(_, owner)| owner))
-            .map(|u| u.get())
-            .collect();
-        owners.sort_unstable();
-        owners.dedup();
-        Ok(owners.len().saturating_mul(self.cfg.max_per_owner.max(1)) >= page_size)
-    }
-
     /// The scorer request the broker would send for the user's feed now, whatever the
     /// configured model (its `model` field is the configured one, or empty): what
     /// `feedgraph export-features` writes for training.
@@ -509,11 +497,24 @@ impl Broker {
             ))
         })?;
         let now = now_ms();
-        let g = self.gather(kind, req, expr, now, None, self.cfg.max_ranked).await?;
+        let follows = self.follows_of(req.user).await?;
+        let g = self.gather(kind, req, follows, expr, now, None, self.cfg.max_ranked).await?;
         let take = self.cfg.model.as_ref().map_or(self.cfg.max_ranked, |m| m.candidates).min(g.list.len());
         let model = self.cfg.model.as_ref().map_or("", |m| m.name.as_str());
         Ok(features::score_batch(model, &g.list[..take], req, &g.follows, kind, now))
     }
+}
+
+/// Whether a following-feed page could be full: its candidates' owners are among the
+/// followed users and the followed boards' owners, each with at most `max_per_owner`
+/// items on a page. (A viewer following 10 accounts never fills a page of 50 under a
+/// cap of 3.)
+fn pages_can_fill(follows: &Follows, page_size: usize, max_per_owner: usize) -> bool {
+    let mut owners: Vec<u64> =
+        follows.users.iter().chain(follows.boards.iter().map(|(_, owner)| owner)).map(|u| u.get()).collect();
+    owners.sort_unstable();
+    owners.dedup();
+    owners.len().saturating_mul(max_per_owner.max(1)) >= page_size
 }
 
 #[allow(dead_code)]

@@ -101,18 +101,20 @@ impl Broker {
     /// The best `limit` candidates from every shard the user's follows and interests
     /// live on, merged (and blended, for home) by light score. `bounds`: a ranking's
     /// per-shard ordinal snapshot (a shard bounded at 0 had nothing then and is not
-    /// asked).
+    /// asked). `follows`: the user's follow lists ([`Broker::follows_of`]), read once
+    /// per ranking however many rounds it takes.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn gather(
         &self,
         kind: FeedKind,
         req: &FeedRequest,
+        follows: Arc<Follows>,
         expr: Arc<Expr>,
         now_ms: i64,
         bounds: Option<Vec<u32>>,
         limit: usize,
     ) -> Result<Gathered> {
         let user = req.user;
-        let follows = self.follows_of(user).await?;
         let count = self.shard_count();
         let n = count as usize;
         let template = CandidateQuery {
