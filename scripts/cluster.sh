@@ -70,6 +70,17 @@ wait_port "$!" "$client_port" "$dir/etcd.log"
 export FEEDGRAPH_CLUSTER="etcd://127.0.0.1:$client_port"
 echo "etcd on 127.0.0.1:$client_port ($dir)"
 
+# Tokens per role, made here, readable by this user only: the nodes accept them
+# (FEEDGRAPH_*_TOKENS) and send the admin token to each other; clients send
+# FEEDGRAPH_TOKEN. A cluster without tokens refuses to start unless --insecure.
+new_token() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+(umask 077; for role in read write admin; do new_token >"$dir/$role.token"; done)
+export FEEDGRAPH_READ_TOKENS="$(cat "$dir/read.token")"
+export FEEDGRAPH_WRITE_TOKENS="$(cat "$dir/write.token")"
+export FEEDGRAPH_ADMIN_TOKENS="$(cat "$dir/admin.token")"
+# This script's own commands (status, ingest, feed) use the admin token.
+export FEEDGRAPH_TOKEN="$FEEDGRAPH_ADMIN_TOKENS"
+
 first=""
 for i in $(seq 1 "$nodes"); do
   # A port taken between free_port and the bind makes the node exit: try new ports.
@@ -105,11 +116,14 @@ echo "a following feed through node-1:"
 if [ "$wait" = 1 ]; then
   cat <<EOT
 
-The cluster is up. Try, in another terminal (FEEDGRAPH_CLUSTER=$FEEDGRAPH_CLUSTER):
-  $bin/feedgraph feed --addr $first --user 42
-  $bin/feedgraph feed --addr $first --user 42 --home
-  FEEDGRAPH_CLUSTER=$FEEDGRAPH_CLUSTER $bin/feedgraph cluster status
-  FEEDGRAPH_CLUSTER=$FEEDGRAPH_CLUSTER $bin/feedgraph cluster drain node-1 --wait
+The cluster is up, with tokens per role in $dir/{read,write,admin}.token.
+Try, in another terminal:
+  export FEEDGRAPH_CLUSTER=$FEEDGRAPH_CLUSTER
+  FEEDGRAPH_TOKEN=\$(cat $dir/read.token) $bin/feedgraph feed --addr $first --user 42
+  FEEDGRAPH_TOKEN=\$(cat $dir/read.token) $bin/feedgraph feed --addr $first --user 42 --home
+  $bin/feedgraph feed --addr $first --user 42     # no token: UNAUTHENTICATED
+  FEEDGRAPH_TOKEN=\$(cat $dir/admin.token) $bin/feedgraph cluster status
+  FEEDGRAPH_TOKEN=\$(cat $dir/admin.token) $bin/feedgraph cluster drain node-1 --wait
   kill <a node's pid> and watch the status: its shards get new leaders within ~3 s
 Ctrl-C stops the nodes and etcd and removes $dir.
 EOT

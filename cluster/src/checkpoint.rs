@@ -286,7 +286,9 @@ pub(crate) struct Fetch<'a> {
 /// resuming broken streams where the local files stop, and verifies it. Progress goes
 /// to the log and `on_progress`. Gives up after 8 broken streams.
 pub(crate) async fn download(
-    client: &mut ipb::replication_service_client::ReplicationServiceClient<tonic::transport::Channel>,
+    client: &mut ipb::replication_service_client::ReplicationServiceClient<
+        feedgraph_proto::auth::AuthChannel,
+    >,
     fetch: Fetch<'_>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Manifest> {
@@ -321,6 +323,7 @@ pub(crate) async fn download(
         match receive(client, request, staging, &mut known, stop, on_progress).await {
             Ok(()) => {}
             Err(Error::Shutdown) => return Err(Error::Shutdown),
+            Err(e @ Error::Unauthorized(_)) => return Err(e),
             Err(e) => {
                 last_error = e.to_string();
                 tracing::info!(shard, attempt, error = %e, "checkpoint stream broke; resuming");
@@ -377,7 +380,9 @@ fn verify(staging: &Path, m: &Manifest) -> Result<Vec<String>> {
 /// One stream: the manifest (a new checkpoint replaces whatever `staging` held), then
 /// chunks appended at exactly the offsets the files have.
 async fn receive(
-    client: &mut ipb::replication_service_client::ReplicationServiceClient<tonic::transport::Channel>,
+    client: &mut ipb::replication_service_client::ReplicationServiceClient<
+        feedgraph_proto::auth::AuthChannel,
+    >,
     request: ipb::StreamCheckpointRequest,
     staging: &Path,
     known: &mut Option<Manifest>,
@@ -386,10 +391,10 @@ async fn receive(
 ) -> Result<()> {
     let shard = request.shard;
     let mut stream = tokio::select! {
-        r = client.stream_checkpoint(request) => r.map_err(|s| Error::Remote(s.message().to_owned()))?.into_inner(),
+        r = client.stream_checkpoint(request) => r.map_err(|s| Error::remote(&s))?.into_inner(),
         _ = stop.wait_for(|s| *s) => return Err(Error::Shutdown),
     };
-    let first = stream.message().await.map_err(|s| Error::Remote(s.message().to_owned()))?;
+    let first = stream.message().await.map_err(|s| Error::remote(&s))?;
     let manifest = match first.and_then(|c| c.part) {
         Some(ipb::checkpoint_chunk::Part::Manifest(m)) => Manifest::from_proto(m)?,
         _ => return Err(Error::Checkpoint("the stream did not start with a manifest".into())),
@@ -430,7 +435,7 @@ async fn receive(
     let mut logged_tenth = done * 10 / total.max(1);
     loop {
         let msg = tokio::select! {
-            m = stream.message() => m.map_err(|s| Error::Remote(s.message().to_owned()))?,
+            m = stream.message() => m.map_err(|s| Error::remote(&s))?,
             _ = stop.wait_for(|s| *s) => return Err(Error::Shutdown),
         };
         let Some(msg) = msg else { return Ok(()) };

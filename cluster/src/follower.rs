@@ -16,7 +16,7 @@ use crate::leader::now_ms;
 use crate::replica::Replica;
 use crate::{Error, blocking, checkpoint, net};
 
-type Client = ipb::replication_service_client::ReplicationServiceClient<tonic::transport::Channel>;
+type Client = ipb::replication_service_client::ReplicationServiceClient<feedgraph_proto::auth::AuthChannel>;
 
 /// Exponential backoff between failed attempts.
 struct Backoff(Duration);
@@ -63,7 +63,7 @@ pub(crate) async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let shard = replica.shard();
-    let mut client = match net::channel(&leader) {
+    let mut client = match net::channel(&leader, &replica.cfg.bearer) {
         Ok(channel) => Client::new(channel).max_decoding_message_size(net::MAX_MESSAGE_BYTES),
         Err(e) => {
             tracing::error!(shard, %leader, error = %e, "cannot replicate from this address");
@@ -90,6 +90,16 @@ pub(crate) async fn run(
                     backoff.reset();
                 }
                 Err(Error::Shutdown) => return,
+                Err(e @ Error::Unauthorized(_)) => {
+                    let state = format!("bootstrap from {leader} {e}");
+                    if replica.stats.state() != state {
+                        tracing::error!(shard, %leader, error = %e, "the leader refuses this node's token; not replicating");
+                        replica.stats.set_state(state);
+                    }
+                    if pause(backoff.next(), &mut stop).await {
+                        return;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(shard, %leader, error = %e, "bootstrap from a checkpoint failed; retrying");
                     replica.stats.set_state(format!("bootstrap failed: {e}"));
@@ -243,6 +253,15 @@ async fn round(
 /// Acts on a refusal of `GetUpdates`.
 async fn refused(replica: &Arc<Replica>, leader: &str, epoch: &mut u64, status: &tonic::Status) -> Step {
     let shard = replica.shard();
+    if matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) {
+        // Not a network fault: this node's admin token is not one the leader accepts.
+        let state = format!("{leader} {}", Error::remote(status));
+        if replica.stats.state() != state {
+            tracing::error!(shard, %leader, reason = status.message(), "the leader refuses this node's token; not replicating");
+            replica.stats.set_state(state);
+        }
+        return Step::Retry;
+    }
     let Some(r) = refusal(status) else {
         tracing::debug!(shard, %leader, code = ?status.code(), message = status.message(), "leader unreachable");
         replica.stats.set_state(format!("leader unreachable: {}", status.message()));

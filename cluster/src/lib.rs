@@ -58,6 +58,9 @@ pub struct ReplicationConfig {
     /// Fault injection: the first checkpoint stream this node serves breaks after this
     /// many bytes (tests of resumption).
     pub break_checkpoint_after_bytes: Option<u64>,
+    /// What this node's requests to its leaders carry (its admin token, when the
+    /// cluster has tokens).
+    pub bearer: feedgraph_proto::auth::Bearer,
 }
 
 impl Default for ReplicationConfig {
@@ -70,6 +73,7 @@ impl Default for ReplicationConfig {
             checkpoint_ttl: Duration::from_secs(600),
             lag_warn: Duration::from_secs(5),
             break_checkpoint_after_bytes: None,
+            bearer: feedgraph_proto::auth::Bearer::none(),
         }
     }
 }
@@ -141,6 +145,11 @@ pub enum Error {
     #[error("{0}")]
     Remote(String),
 
+    /// Another node refused this node's token (`UNAUTHENTICATED` or
+    /// `PERMISSION_DENIED`): a configuration fault that no retry cures.
+    #[error("refused: {0} (this node's admin token is not one the other node accepts)")]
+    Unauthorized(String),
+
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
 
@@ -162,6 +171,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failed call to another node, typed by why it failed.
+    pub(crate) fn remote(status: &tonic::Status) -> Self {
+        match status.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                Error::Unauthorized(status.message().to_owned())
+            }
+            _ => Error::Remote(status.message().to_owned()),
+        }
+    }
+
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io { what: what.into(), source }
     }

@@ -1,10 +1,12 @@
 //! Channels between nodes: one lazily connected HTTP/2 channel per address, with
 //! `TCP_NODELAY` and flow-control windows sized so that a large answer (a WAL batch, a
-//! candidate list, a checkpoint chunk) never waits on a window update.
+//! candidate list, a checkpoint chunk) never waits on a window update, and the node's
+//! bearer token on every request.
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use feedgraph_proto::auth::{AuthChannel, Bearer, with_bearer};
+use tonic::transport::Endpoint;
 
 use crate::Error;
 
@@ -17,20 +19,22 @@ pub const CONNECTION_WINDOW: u32 = 8 << 20;
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 /// `host:port` or a URL → a channel that connects on first use, so that an unreachable
-/// node fails requests, not start-up.
-pub fn channel(addr: &str) -> Result<Channel, Error> {
+/// node fails requests, not start-up; every request carries `bearer` (the node's admin
+/// token, when the cluster has tokens).
+pub fn channel(addr: &str, bearer: &Bearer) -> Result<AuthChannel, Error> {
     let url = if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_owned()
     } else {
         format!("http://{addr}")
     };
     let endpoint = Endpoint::from_shared(url).map_err(|e| Error::Remote(format!("address `{addr}`: {e}")))?;
-    Ok(endpoint
+    let channel = endpoint
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_millis(500))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .connect_lazy())
+        .connect_lazy();
+    Ok(with_bearer(channel, bearer.clone()))
 }

@@ -39,6 +39,7 @@ pub fn status(e: Error) -> Status {
         | Error::Remote(_)
         | Error::Coordination(_)
         | Error::Deposed => Status::unavailable(msg),
+        Error::Unauthorized(_) => Status::failed_precondition(msg),
         Error::Placement(_) => Status::invalid_argument(msg),
         Error::Store(s) => store_status(s),
         Error::Checkpoint(_) | Error::Io { .. } | Error::Internal(_) => {
@@ -259,7 +260,7 @@ pub(crate) fn status_to_proto(s: &ReplicaStatus) -> ipb::ReplicaStatus {
 
 /// Asks the node behind `channel` for the status of its replicas, within `timeout`.
 pub async fn list_replicas(
-    channel: tonic::transport::Channel,
+    channel: feedgraph_proto::auth::AuthChannel,
     timeout: std::time::Duration,
 ) -> Result<Vec<ReplicaStatus>, Status> {
     let mut client = ipb::admin_service_client::AdminServiceClient::new(channel);

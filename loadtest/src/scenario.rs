@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use feedgraph_model::{FollowTarget, Mutation, UserId};
+use feedgraph_proto::auth::{AuthChannel, Bearer, with_bearer};
 use feedgraph_proto::pb::v1 as pb;
 use prost::Message;
 use rand::Rng;
 use rand::distr::Distribution;
 use rand::distr::weighted::WeightedIndex;
-use tonic::transport::Channel;
 
 use crate::engine::Outcome;
 use crate::generator::{Graph, user_context};
@@ -19,13 +19,13 @@ use crate::generator::{Graph, user_context};
 /// gRPC clients of one target.
 #[derive(Clone, Debug)]
 pub struct Client {
-    pub feed: pb::feed_service_client::FeedServiceClient<Channel>,
-    pub graph: pb::graph_service_client::GraphServiceClient<Channel>,
+    pub feed: pb::feed_service_client::FeedServiceClient<AuthChannel>,
+    pub graph: pb::graph_service_client::GraphServiceClient<AuthChannel>,
 }
 
 /// Connects, failing with a clear message (before any load starts) when the target
-/// does not answer within `timeout`.
-pub async fn connect(addr: &str, timeout: Duration) -> anyhow::Result<Client> {
+/// does not answer within `timeout`; every request carries `bearer`.
+pub async fn connect(addr: &str, timeout: Duration, bearer: Bearer) -> anyhow::Result<Client> {
     let url = if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_string()
     } else {
@@ -39,6 +39,7 @@ pub async fn connect(addr: &str, timeout: Duration) -> anyhow::Result<Client> {
         .connect()
         .await
         .with_context(|| format!("cannot reach a feedgraph service at {url}"))?;
+    let channel = with_bearer(channel, bearer);
     Ok(Client {
         feed: pb::feed_service_client::FeedServiceClient::new(channel.clone()),
         graph: pb::graph_service_client::GraphServiceClient::new(channel),

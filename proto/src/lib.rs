@@ -11,6 +11,7 @@
 //! field by its path in the request (`mutations[3].upsert_pin.board_id`), so that a
 //! server can answer `INVALID_ARGUMENT` without writing anything.
 
+pub mod auth;
 pub mod refusal;
 
 use feedgraph_model as model;

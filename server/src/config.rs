@@ -40,7 +40,41 @@ pub struct Config {
     pub rankings: BTreeMap<String, String>,
     pub store: StoreConfig,
     pub scorer: ScorerConfig,
+    pub auth: AuthConfig,
     pub debug: DebugConfig,
+}
+
+/// Who may call what: bearer tokens per role (`read` < `write` < `admin`, each
+/// including the lower ones). Tokens come from files or from the environment
+/// (`FEEDGRAPH_READ_TOKENS`, `FEEDGRAPH_WRITE_TOKENS`, `FEEDGRAPH_ADMIN_TOKENS`,
+/// comma-separated), never from this file, so a configuration can be printed and
+/// committed. No tokens at all: every method is open (the demo); a cluster then
+/// refuses to start unless `insecure`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `read` tokens (feeds, pins, follows, reflection), one per line; several allow
+    /// a rotation without downtime.
+    pub read_tokens_file: Option<PathBuf>,
+    /// `write` tokens (graph writes and signals, and all `read` may do).
+    pub write_tokens_file: Option<PathBuf>,
+    /// `admin` tokens (replica admin, replication, the shard and scorer services
+    /// between nodes, and everything else). This node's calls to other nodes and to a
+    /// standalone scorer carry the first one, so every node of a cluster needs it.
+    pub admin_tokens_file: Option<PathBuf>,
+    /// Serve a placement or etcd cluster without tokens. Every method, writes and
+    /// replica transitions included, is then open to whoever reaches the port.
+    pub insecure: bool,
+    /// Tokens from the environment (set by `feedgraph serve`; never serialized).
+    #[serde(skip)]
+    pub env_tokens: crate::auth::RoleTokens,
+}
+
+impl AuthConfig {
+    /// The tokens this process accepts (reads the token files).
+    pub fn keyring(&self) -> Result<crate::auth::Keyring, ConfigError> {
+        crate::auth::Keyring::load(self)
+    }
 }
 
 /// The ML scorer: where it runs and how the broker uses it.
@@ -123,6 +157,8 @@ pub struct ScorerServerConfig {
     pub reload_interval_ms: u64,
     /// Log filter (`tracing` env-filter syntax).
     pub log: String,
+    /// Tokens: `ScoreBatch` and `ListModels` need an `admin` token (what nodes send).
+    pub auth: AuthConfig,
 }
 
 impl Default for ScorerServerConfig {
@@ -134,6 +170,7 @@ impl Default for ScorerServerConfig {
             max_batch: 2000,
             reload_interval_ms: 1000,
             log: "info".into(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -153,6 +190,7 @@ impl ScorerServerConfig {
         if self.reload_interval_ms == 0 {
             return Err(invalid("reload_interval_ms", "must be at least 1"));
         }
+        self.auth.keyring()?;
         Ok(())
     }
 }
@@ -352,6 +390,7 @@ impl Default for Config {
             rankings,
             store: StoreConfig::default(),
             scorer: ScorerConfig::default(),
+            auth: AuthConfig::default(),
             debug: DebugConfig::default(),
         }
     }
@@ -444,6 +483,19 @@ impl Config {
             if p.address(&self.node_id).is_none() {
                 return Err(invalid("node_id", format!("`{}` is not a node of the placement", self.node_id)));
             }
+        }
+        let keyring = self.auth.keyring()?;
+        if keyring.enabled() && self.auth.insecure {
+            return Err(invalid("auth.insecure", "tokens are configured; drop one or the other"));
+        }
+        if (self.placement.is_some() || self.cluster.etcd.is_some())
+            && !keyring.enabled()
+            && !self.auth.insecure
+        {
+            return Err(invalid(
+                "auth",
+                "a cluster needs tokens, or every node's admin and shard methods are open to anyone who reaches its port: set auth.admin_tokens_file (and the read and write files) or FEEDGRAPH_ADMIN_TOKENS, or serve it open with --insecure",
+            ));
         }
         let c = &self.cluster;
         if let Some(url) = &c.etcd {
@@ -597,8 +649,11 @@ impl Config {
         }
     }
 
-    /// Replication settings for the node's replicas.
-    pub fn replication_config(&self) -> feedgraph_cluster::ReplicationConfig {
+    /// Replication settings for the node's replicas, whose requests carry `bearer`.
+    pub fn replication_config(
+        &self,
+        bearer: feedgraph_proto::auth::Bearer,
+    ) -> feedgraph_cluster::ReplicationConfig {
         let r = &self.replication;
         feedgraph_cluster::ReplicationConfig {
             poll_wait: Duration::from_millis(r.poll_wait_ms),
@@ -608,6 +663,7 @@ impl Config {
             checkpoint_ttl: Duration::from_secs(r.checkpoint_ttl_s),
             lag_warn: Duration::from_millis(r.lag_warn_ms),
             break_checkpoint_after_bytes: self.debug.break_checkpoint_after_bytes,
+            bearer,
         }
     }
 }
@@ -623,6 +679,24 @@ mod tests {
         let text = toml::to_string(&c).unwrap();
         let back: Config = toml::from_str(&text).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn a_cluster_needs_tokens_or_insecure_and_tokens_are_never_printed() {
+        let mut c = Config::default();
+        c.cluster.etcd = Some("etcd://127.0.0.1:2379".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--insecure"), "{e}");
+        c.auth.insecure = true;
+        c.validate().unwrap();
+        let token = feedgraph_proto::auth::Secret::new("admin-token-not-to-print").unwrap();
+        c.auth.env_tokens.admin = vec![token];
+        // Tokens and insecure contradict each other.
+        assert!(c.validate().unwrap_err().to_string().contains("auth.insecure"));
+        c.auth.insecure = false;
+        c.validate().unwrap();
+        let printed = format!("{}\n{c:?}", toml::to_string(&c).unwrap());
+        assert!(!printed.contains("not-to-print"), "{printed}");
     }
 
     #[test]

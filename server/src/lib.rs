@@ -20,6 +20,7 @@
 //! restarts (every node of a cluster needs the same key for cursors to move between
 //! brokers).
 
+pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod metrics;
@@ -281,7 +282,12 @@ fn bind(config: &Config) -> Result<tonic::transport::server::TcpIncoming, Error>
         .with_nodelay(Some(true)))
 }
 
-fn node_setup(config: &Config, address: String, memory: feedgraph_graph_store::StoreMemory) -> NodeSetup {
+fn node_setup(
+    config: &Config,
+    address: String,
+    memory: feedgraph_graph_store::StoreMemory,
+    keyring: &auth::Keyring,
+) -> NodeSetup {
     let (cfg, mem) = (config.clone(), memory.clone());
     NodeSetup {
         node_id: config.node_id.clone(),
@@ -290,7 +296,7 @@ fn node_setup(config: &Config, address: String, memory: feedgraph_graph_store::S
         data_dir: config.data_dir.clone(),
         options: Arc::new(move |shard| cfg.shard_options(shard, &mem)),
         memory,
-        replication: config.replication_config(),
+        replication: config.replication_config(keyring.node_bearer()),
     }
 }
 
@@ -301,8 +307,10 @@ pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node,
     let incoming = bind(&config)?;
     let grpc_addr = incoming.local_addr().map_err(io("gRPC listener address"))?;
     let memory = shards.first().map_or_else(|| config.store_memory(), |s| s.memory().clone());
-    let replicas = Replicas::standalone(node_setup(&config, grpc_addr.to_string(), memory), shards).await?;
-    serve(config, replicas, Mode::Standalone, incoming).await
+    let keyring = config.auth.keyring()?;
+    let replicas =
+        Replicas::standalone(node_setup(&config, grpc_addr.to_string(), memory, &keyring), shards).await?;
+    serve(config, keyring, replicas, Mode::Standalone, incoming).await
 }
 
 /// A node of an etcd cluster: it opens the replicas it remembers (leaders offline
@@ -313,8 +321,10 @@ async fn start_clustered(config: Config) -> Result<Node, Error> {
     let incoming = bind(&config)?;
     let grpc_addr = incoming.local_addr().map_err(io("gRPC listener address"))?;
     let address = config.cluster.advertise.clone().unwrap_or_else(|| grpc_addr.to_string());
-    let replicas = Replicas::remembered(node_setup(&config, address, config.store_memory())).await?;
-    serve(config, replicas, Mode::Cluster, incoming).await
+    let keyring = config.auth.keyring()?;
+    let replicas =
+        Replicas::remembered(node_setup(&config, address, config.store_memory(), &keyring)).await?;
+    serve(config, keyring, replicas, Mode::Cluster, incoming).await
 }
 
 /// Where a node's replicas come from.
@@ -333,13 +343,16 @@ async fn start_placed(config: Config, placement: Placement) -> Result<Node, Erro
         .address(&config.node_id)
         .ok_or_else(|| Error::DataDir(format!("node `{}` is not in the placement", config.node_id)))?
         .to_owned();
-    let replicas = Replicas::placed(node_setup(&config, address, config.store_memory()), &placement).await?;
+    let keyring = config.auth.keyring()?;
+    let replicas =
+        Replicas::placed(node_setup(&config, address, config.store_memory(), &keyring), &placement).await?;
     tracing::info!(node = %config.node_id, replicas = ?replicas.shard_ids(), "replicas placed");
-    serve(config, replicas, Mode::Placed(placement), incoming).await
+    serve(config, keyring, replicas, Mode::Placed(placement), incoming).await
 }
 
 async fn serve(
     config: Config,
+    keyring: auth::Keyring,
     replicas: Arc<Replicas>,
     mode: Mode,
     incoming: tonic::transport::server::TcpIncoming,
@@ -360,6 +373,7 @@ async fn serve(
         placement,
         std::time::Duration::from_millis(r.remote_timeout_ms),
         std::time::Duration::from_millis(r.semi_sync_timeout_ms),
+        keyring.node_bearer(),
     ));
     let delays = broker_config.shard_delays.clone();
     let mut broker = Broker::with_directory(directory.clone(), broker_config, key)?;
@@ -383,7 +397,7 @@ async fn serve(
             .set_serving::<pb::internal::scorer_service_server::ScorerServiceServer<scorer::ScorerApi>>()
             .await;
     } else if let Some(endpoint) = &sc.endpoint {
-        broker = broker.with_scorer(Arc::new(scorer::RemoteScorer::new(endpoint)?));
+        broker = broker.with_scorer(Arc::new(scorer::RemoteScorer::new(endpoint, keyring.node_bearer())?));
     }
     let broker = Arc::new(broker);
     metrics.watch_broker(broker.clone());
@@ -413,7 +427,13 @@ async fn serve(
         Some(e) => (Some(e.service), Some(e.registry), vec![e.stop], vec![e.reloader]),
         None => (None, None, Vec::new(), Vec::new()),
     };
-    let router = crate::server_builder()
+    if !keyring.enabled() {
+        tracing::warn!(
+            "no tokens configured: every RPC, writes and admin included, is open to whoever reaches {grpc_addr}"
+        );
+    }
+    let node_bearer = keyring.node_bearer();
+    let router = crate::server_builder(auth::AuthLayer::new(Arc::new(keyring), metrics.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(pb::v1::graph_service_server::GraphServiceServer::new(graph))
@@ -449,7 +469,7 @@ async fn serve(
     let serving = Serving { stops, server, tasks };
     // Joined once serving: the controller calls this node as soon as it registers.
     let member = match (&mode, &config.cluster.etcd) {
-        (Mode::Cluster, Some(url)) => match join(&config, url, &replicas, &directory).await {
+        (Mode::Cluster, Some(url)) => match join(&config, url, &replicas, &directory, node_bearer).await {
             Ok(m) => Some(m),
             Err(e) => {
                 replicas.shutdown().await;
@@ -467,6 +487,7 @@ async fn join(
     url: &str,
     replicas: &Arc<Replicas>,
     directory: &Arc<routing::ClusterDirectory>,
+    bearer: feedgraph_proto::auth::Bearer,
 ) -> Result<Member, Error> {
     let c = &config.cluster;
     let member_config = MemberConfig {
@@ -479,6 +500,7 @@ async fn join(
         controller: manager::ControllerConfig {
             replace_after: std::time::Duration::from_millis(c.replace_after_ms),
             max_bootstraps_per_node: c.max_bootstraps_per_node,
+            bearer,
             ..manager::ControllerConfig::default()
         },
     };
@@ -496,11 +518,15 @@ async fn join(
 pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 8 << 20;
 
-/// The gRPC server settings every listener of this crate uses.
-pub(crate) fn server_builder() -> tonic::transport::Server {
+/// The gRPC server settings every listener of this crate uses, with `auth` in front of
+/// every route.
+pub(crate) fn server_builder(
+    auth: auth::AuthLayer,
+) -> tonic::transport::Server<tower_layer::Stack<auth::AuthLayer, tower_layer::Identity>> {
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .layer(auth)
 }
 
 /// gRPC reflection over every service this crate serves.

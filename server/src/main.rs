@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use feedgraph_proto::auth::{AuthChannel, Bearer, with_bearer};
 use feedgraph_proto::pb::v1 as pb;
 use feedgraph_server::Config;
 
@@ -39,6 +40,31 @@ enum Command {
     Cluster(ClusterArgs),
 }
 
+/// The bearer token a command sends to a service with tokens.
+#[derive(Args, Debug)]
+struct TokenArg {
+    /// Bearer token: `read` for feeds, `write` for writes, `admin` for shard and
+    /// cluster commands. Prefer the environment variable: a flag shows in `ps`.
+    #[arg(long, env = "FEEDGRAPH_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+}
+
+impl TokenArg {
+    fn bearer(&self) -> anyhow::Result<Bearer> {
+        Bearer::from_user(self.token.as_deref()).context("--token / FEEDGRAPH_TOKEN")
+    }
+}
+
+/// A lazily connected channel to `addr` whose requests carry `bearer`.
+fn client_channel(addr: &str, bearer: Bearer) -> anyhow::Result<AuthChannel> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint(addr))
+        .with_context(|| format!("address {addr}"))?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(with_bearer(channel, bearer))
+}
+
 #[derive(Args, Debug)]
 struct ClusterArgs {
     /// The cluster's etcd, `etcd://host:port[,host:port]`.
@@ -47,6 +73,8 @@ struct ClusterArgs {
     /// The cluster's name (its keys are under `/feedgraph/<name>/`).
     #[arg(long, env = "FEEDGRAPH_CLUSTER_NAME", default_value = "default")]
     name: String,
+    #[command(flatten)]
+    token: TokenArg,
     #[command(subcommand)]
     what: ClusterCommand,
 }
@@ -74,6 +102,8 @@ enum ClusterCommand {
 
 #[derive(Args, Debug)]
 struct ShardArgs {
+    #[command(flatten)]
+    token: TokenArg,
     #[command(subcommand)]
     what: ShardCommand,
 }
@@ -246,6 +276,11 @@ struct ServeArgs {
     /// engagement_mlp.
     #[arg(long, env = "FEEDGRAPH_MODEL")]
     model: Option<String>,
+    /// Serve a placement or etcd cluster without tokens: every method, writes and
+    /// admin included, open to whoever reaches the port. Tokens: `[auth]` token files,
+    /// or FEEDGRAPH_READ_TOKENS / FEEDGRAPH_WRITE_TOKENS / FEEDGRAPH_ADMIN_TOKENS.
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Args, Debug)]
@@ -272,6 +307,8 @@ struct FeedArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    token: TokenArg,
 }
 
 fn parse_feature(s: &str) -> Result<(String, f32), String> {
@@ -288,6 +325,8 @@ struct WriteArgs {
     /// Wait for the WAL to be fsync'ed before acknowledging.
     #[arg(long, global = true)]
     sync: bool,
+    #[command(flatten)]
+    token: TokenArg,
     #[command(subcommand)]
     what: WriteCommand,
 }
@@ -481,8 +520,24 @@ fn config_of(args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(v) = &args.model {
         config.scorer.model = if v == "none" { String::new() } else { v.clone() };
     }
+    if args.insecure {
+        config.auth.insecure = true;
+    }
+    config.auth.env_tokens = env_tokens()?;
     config.validate()?;
     Ok(config)
+}
+
+/// Tokens given in the environment (`FEEDGRAPH_{READ,WRITE,ADMIN}_TOKENS`), which
+/// add to the configured token files. Not clap arguments: they must not show in `ps`
+/// or in `--help`.
+fn env_tokens() -> anyhow::Result<feedgraph_server::auth::RoleTokens> {
+    let var = |name: &str| std::env::var(name).ok();
+    Ok(feedgraph_server::auth::RoleTokens::from_env_values(
+        var("FEEDGRAPH_READ_TOKENS").as_deref(),
+        var("FEEDGRAPH_WRITE_TOKENS").as_deref(),
+        var("FEEDGRAPH_ADMIN_TOKENS").as_deref(),
+    )?)
 }
 
 /// With `--check-config`, prints the effective configuration and returns `true` (stop
@@ -602,6 +657,7 @@ fn scorer_config_of(args: &ScorerArgs) -> anyhow::Result<feedgraph_server::Score
     if let Some(v) = &args.log {
         config.log = v.clone();
     }
+    config.auth.env_tokens = env_tokens()?;
     config.validate()?;
     Ok(config)
 }
@@ -823,9 +879,8 @@ fn endpoint(addr: &str) -> String {
 }
 
 async fn feed(args: FeedArgs) -> anyhow::Result<()> {
-    let mut client = pb::feed_service_client::FeedServiceClient::connect(endpoint(&args.addr))
-        .await
-        .with_context(|| format!("connecting to {}", args.addr))?;
+    let mut client =
+        pb::feed_service_client::FeedServiceClient::new(client_channel(&args.addr, args.token.bearer()?)?);
     let request = pb::FeedRequest {
         user_id: args.user,
         page_size: args.page_size,
@@ -977,9 +1032,8 @@ async fn write(args: WriteArgs) -> anyhow::Result<()> {
             Op::UnblockUser(pb::UnblockUser { user_id: user, blocked_user_id: blocked })
         }
     };
-    let mut client = pb::graph_service_client::GraphServiceClient::connect(endpoint(&args.addr))
-        .await
-        .with_context(|| format!("connecting to {}", args.addr))?;
+    let mut client =
+        pb::graph_service_client::GraphServiceClient::new(client_channel(&args.addr, args.token.bearer()?)?);
     let request = pb::WriteRequest {
         mutations: vec![pb::Mutation { op: Some(op) }],
         ack: if args.sync { pb::Ack::Sync } else { pb::Ack::Async } as i32,
@@ -1013,17 +1067,14 @@ fn target(f: &FollowArgs) -> anyhow::Result<pb::FollowTarget> {
     Ok(pb::FollowTarget { target: Some(t) })
 }
 
-async fn admin_client(
+fn admin_client(
     addr: &str,
-) -> anyhow::Result<
-    feedgraph_proto::pb::internal::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
-> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint(addr))?
-        .connect_timeout(std::time::Duration::from_secs(2))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    Ok(feedgraph_proto::pb::internal::admin_service_client::AdminServiceClient::new(channel))
+    bearer: &Bearer,
+) -> anyhow::Result<feedgraph_proto::pb::internal::admin_service_client::AdminServiceClient<AuthChannel>> {
+    Ok(feedgraph_proto::pb::internal::admin_service_client::AdminServiceClient::new(client_channel(
+        addr,
+        bearer.clone(),
+    )?))
 }
 
 fn role_name(v: i32) -> &'static str {
@@ -1043,9 +1094,10 @@ async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     use feedgraph_cluster::manager::{self, ClusterStatus, Keys};
     let mut client = manager::connect(&manager::parse_endpoints(&args.etcd)?).await?;
     let keys = Keys::new(&args.name);
+    let bearer = args.token.bearer()?;
     match args.what {
         ClusterCommand::Status { json } => {
-            let status = ClusterStatus::read(&mut client, &keys).await?;
+            let status = ClusterStatus::read(&mut client, &keys, &bearer).await?;
             let view = &status.view;
             let Some(spec) = view.spec else {
                 bail!("no cluster `{}` in etcd at {} (no node has joined it)", args.name, args.etcd);
@@ -1159,7 +1211,7 @@ async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
             if wait {
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
                 loop {
-                    let status = ClusterStatus::read(&mut client, &keys).await?;
+                    let status = ClusterStatus::read(&mut client, &keys, &bearer).await?;
                     let held = status.view.shards.iter().flatten().filter(|a| a.holds(&node)).count();
                     if held == 0 && status.converged() {
                         println!("{node} holds no replica; it can be stopped");
@@ -1183,6 +1235,7 @@ async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
 
 async fn shard(args: ShardArgs) -> anyhow::Result<()> {
     use feedgraph_proto::pb::internal as ipb;
+    let bearer = args.token.bearer()?;
     match args.what {
         ShardCommand::Status { addr, placement, json } => {
             let addrs: Vec<String> = match placement {
@@ -1191,7 +1244,7 @@ async fn shard(args: ShardArgs) -> anyhow::Result<()> {
             };
             let mut nodes = Vec::new();
             for a in &addrs {
-                let answer = match admin_client(a).await {
+                let answer = match admin_client(a, &bearer) {
                     Ok(mut c) => c
                         .list_replicas(ipb::ListReplicasRequest {})
                         .await
@@ -1226,7 +1279,7 @@ async fn shard(args: ShardArgs) -> anyhow::Result<()> {
                 let l = match r {
                     Ok(l) => l,
                     Err(e) => {
-                        println!("node at {a}: UNREACHABLE ({e:#})\n");
+                        println!("node at {a}: NO ANSWER ({e:#})\n");
                         continue;
                     }
                 };
@@ -1278,7 +1331,7 @@ async fn shard(args: ShardArgs) -> anyhow::Result<()> {
                 "offline" => ipb::ReplicaRole::Offline,
                 other => bail!("--role must be leader, follower or offline, not {other}"),
             };
-            let mut client = admin_client(&addr).await?;
+            let mut client = admin_client(&addr, &bearer)?;
             let r = client
                 .transition_replica(ipb::TransitionReplicaRequest {
                     shard,
@@ -1303,7 +1356,7 @@ async fn shard(args: ShardArgs) -> anyhow::Result<()> {
             Ok(())
         }
         ShardCommand::Checkpoint { addr, shard, dir } => {
-            let mut client = admin_client(&addr).await?;
+            let mut client = admin_client(&addr, &bearer)?;
             let r = client
                 .create_checkpoint(ipb::CreateCheckpointRequest { shard, directory: dir })
                 .await

@@ -26,6 +26,7 @@ pub struct Metrics {
     feed_scoring: IntCounterVec,
     model_loads: IntCounterVec,
     model_version: IntGaugeVec,
+    auth_rejected: IntCounterVec,
     replicas: OnceLock<Arc<Replicas>>,
     replica: ReplicaMetrics,
     broker: OnceLock<Arc<Broker>>,
@@ -265,6 +266,14 @@ impl Metrics {
             Opts::new("scorer_model_version", "Model version served, by model"),
             &["model"],
         )?;
+        let auth_rejected = IntCounterVec::new(
+            Opts::new(
+                "auth_rejected_total",
+                "Requests refused before any work: code unauthenticated (no or unknown token) or permission_denied (a token of a lower role), by the role the method needs",
+            ),
+            &["code", "needs"],
+        )?;
+        registry.register(Box::new(auth_rejected.clone()))?;
         registry.register(Box::new(feed_scoring.clone()))?;
         registry.register(Box::new(model_loads.clone()))?;
         registry.register(Box::new(model_version.clone()))?;
@@ -283,6 +292,7 @@ impl Metrics {
             feed_scoring,
             model_loads,
             model_version,
+            auth_rejected,
             replicas: OnceLock::new(),
             replica,
             broker: OnceLock::new(),
@@ -298,6 +308,12 @@ impl Metrics {
     /// Reports these replicas' state (read at every scrape).
     pub fn watch_replicas(&self, replicas: Arc<Replicas>) {
         let _ = self.replicas.set(replicas);
+    }
+
+    /// A request the authentication layer refused (`code`: `unauthenticated` or
+    /// `permission_denied`; `needs`: the role its method needs).
+    pub fn auth_rejected(&self, code: &str, needs: &str) {
+        self.auth_rejected.with_label_values(&[code, needs]).inc();
     }
 
     pub fn observe<T>(&self, method: &str, started: Instant, result: &Result<T, tonic::Status>) {

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use feedgraph_graph_store::{Follows, PinRecord, WriteOutcome};
 use feedgraph_model::{BoardId, PinRef, TopicId, UserId};
+use feedgraph_proto::auth::AuthChannel as Channel;
 use feedgraph_proto::pb::{internal as ipb, v1 as pb};
 use feedgraph_proto::refusal::{RefusalKind, refusal};
 use feedgraph_retrieval::query::{CandidateQuery, ShardAnswer};
 use feedgraph_retrieval::shards::BoxFuture;
 use feedgraph_retrieval::{Error, ReadAfter, RemoteReplica, ShardWrite};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::wire;

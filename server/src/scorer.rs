@@ -102,19 +102,21 @@ impl ipb::scorer_service_server::ScorerService for ScorerApi {
 /// A scorer in another process, reached over gRPC.
 #[derive(Debug, Clone)]
 pub struct RemoteScorer {
-    client: ipb::scorer_service_client::ScorerServiceClient<tonic::transport::Channel>,
+    client: ipb::scorer_service_client::ScorerServiceClient<feedgraph_proto::auth::AuthChannel>,
 }
 
 impl RemoteScorer {
     /// Connects lazily: an unreachable scorer fails requests (and feeds fall back to
     /// light scores), it does not stop the node from starting.
-    pub fn new(endpoint: &str) -> Result<Self, Error> {
+    /// Every request carries `bearer` (the node's admin token, when it has tokens).
+    pub fn new(endpoint: &str, bearer: feedgraph_proto::auth::Bearer) -> Result<Self, Error> {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
             .tcp_nodelay(true)
             .initial_stream_window_size(crate::STREAM_WINDOW)
             .initial_connection_window_size(crate::CONNECTION_WINDOW)
             .connect_timeout(Duration::from_millis(500))
             .connect_lazy();
+        let channel = feedgraph_proto::auth::with_bearer(channel, bearer);
         Ok(Self { client: ipb::scorer_service_client::ScorerServiceClient::new(channel) })
     }
 }
@@ -272,7 +274,11 @@ pub async fn start_scorer(config: crate::config::ScorerServerConfig) -> Result<S
         .map_err(io(format!("binding metrics on {}", config.metrics_listen)))?;
     let metrics_addr = metrics_listener.local_addr().map_err(io("metrics listener address"))?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let router = crate::server_builder()
+    let keyring = config.auth.keyring()?;
+    if !keyring.enabled() {
+        tracing::warn!("no tokens configured: scoring is open to whoever reaches {grpc_addr}");
+    }
+    let router = crate::server_builder(crate::auth::AuthLayer::new(Arc::new(keyring), metrics.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(embedded.service);

@@ -584,6 +584,7 @@ async fn start_scorer(dir: &std::path::Path) -> feedgraph_server::scorer::Scorer
         max_batch: 1000,
         reload_interval_ms: 50,
         log: "warn".into(),
+        ..Default::default()
     })
     .await
     .unwrap()

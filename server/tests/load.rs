@@ -36,7 +36,13 @@ async fn service(spec: &GraphSpec) -> (feedgraph_server::Node, tempfile::TempDir
 async fn an_open_loop_run_accounts_for_every_due_request() {
     let spec = small();
     let (node, _dir) = service(&spec).await;
-    let client = scenario::connect(&node.grpc_addr().to_string(), Duration::from_secs(3)).await.unwrap();
+    let client = scenario::connect(
+        &node.grpc_addr().to_string(),
+        Duration::from_secs(3),
+        feedgraph_proto::auth::Bearer::none(),
+    )
+    .await
+    .unwrap();
     let picker = Arc::new(UserPicker::from_graph(&generate(&spec)).unwrap());
     let run = RunSpec {
         model: LoadModel::Open { rate: 200.0, max_in_flight: 64 },
@@ -71,7 +77,13 @@ async fn an_open_loop_run_accounts_for_every_due_request() {
 async fn a_viewer_with_a_larger_fanout_scans_more() {
     let spec = small();
     let (node, _dir) = service(&spec).await;
-    let client = scenario::connect(&node.grpc_addr().to_string(), Duration::from_secs(3)).await.unwrap();
+    let client = scenario::connect(
+        &node.grpc_addr().to_string(),
+        Duration::from_secs(3),
+        feedgraph_proto::auth::Bearer::none(),
+    )
+    .await
+    .unwrap();
     let mut scanned = Vec::new();
     for fanout in [10, 500] {
         let viewer = 1_000_000_000 + fanout;
@@ -90,6 +102,12 @@ async fn a_viewer_with_a_larger_fanout_scans_more() {
 async fn an_unreachable_target_is_a_clear_error_before_any_load() {
     // A port that was free a moment ago: nothing listens there.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let err = scenario::connect(&format!("127.0.0.1:{port}"), Duration::from_secs(2)).await.unwrap_err();
+    let err = scenario::connect(
+        &format!("127.0.0.1:{port}"),
+        Duration::from_secs(2),
+        feedgraph_proto::auth::Bearer::none(),
+    )
+    .await
+    .unwrap_err();
     assert!(format!("{err:#}").contains("cannot reach a feedgraph service"), "{err:#}");
 }

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use feedgraph_cluster::Role;
 use feedgraph_graph_store::Digest;
+use feedgraph_proto::auth::{AuthChannel as Channel, Bearer, Secret};
 use feedgraph_proto::pb::{internal as ipb, v1 as pb};
 use feedgraph_server::{Config, Node};
-use tonic::transport::Channel;
 
 /// With `FEEDGRAPH_TEST_LOG` set (an env-filter, e.g. `debug`), the nodes log to
 /// stderr.
@@ -34,20 +34,71 @@ pub fn log_if_asked() {
     }
 }
 
-/// Free TCP ports on 127.0.0.1 (bound, read, released).
+/// Free TCP ports on 127.0.0.1 (bound, read, released), below the kernel's ephemeral
+/// range: a port the kernel hands out (port 0) can be taken by any outgoing connection
+/// (a node's own, to another node or to etcd) between this call and the node's bind,
+/// and a restarted node could not get its port back.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DRAWS: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_low: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .filter(|low| *low > 12_000)
+        .unwrap_or(32_768);
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+            ^ (u64::from(std::process::id()) << 32);
+    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    for _ in 0..10_000 {
+        if listeners.len() == n {
+            break;
+        }
+        // splitmix64 of a per-process counter: different ports for concurrent tests.
+        let mut x =
+            seed.wrapping_add(DRAWS.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        let port = 10_000 + x % (ephemeral_low - 10_000);
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            listeners.push(l);
+        }
+    }
+    assert_eq!(listeners.len(), n, "no {n} free ports below {ephemeral_low}");
     listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// The admin token of every test cluster: nodes accept it and send it to each other,
+/// and the harness's clients send it.
+pub const ADMIN_TOKEN: &str = "feedgraph-test-admin-token-0001";
+
+/// What the harness's clients send.
+pub fn admin_bearer() -> Bearer {
+    Bearer::new(Some(&Secret::new(ADMIN_TOKEN).unwrap()))
+}
+
+/// `<root>/admin.tokens` holding [`ADMIN_TOKEN`], readable by this user only.
+fn admin_token_file(root: &Path) -> PathBuf {
+    let path = root.join("admin.tokens");
+    std::fs::write(&path, format!("{ADMIN_TOKEN}\n")).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    path
 }
 
 /// A test node's configuration: data under `<root>/<id>` (created, with the cursor
 /// key every test node shares, so that a cursor works on every broker), gRPC on
-/// `listen`, metrics on a free port, small memory, short polls, no per-owner caps.
+/// `listen`, metrics on a free port, small memory, short polls, no per-owner caps, and
+/// [`ADMIN_TOKEN`] from a token file (so a node in a child process has it too).
 pub fn node_config(root: &Path, id: &str, listen: &str, shards: u32) -> Config {
     let data_dir = root.join(id);
     std::fs::create_dir_all(&data_dir).unwrap();
     std::fs::write(data_dir.join("cursor.key"), [7u8; 32]).unwrap();
+    let admin_tokens = admin_token_file(root);
     let mut c = Config {
         data_dir,
         listen: listen.parse().unwrap(),
@@ -61,6 +112,7 @@ pub fn node_config(root: &Path, id: &str, listen: &str, shards: u32) -> Config {
     c.replication.poll_wait_ms = 200;
     c.feed.max_per_owner = 1000;
     c.feed.max_per_board = 1000;
+    c.auth.admin_tokens_file = Some(admin_tokens);
     c
 }
 
@@ -164,8 +216,14 @@ impl Cluster {
         self.addresses[id].clone()
     }
 
+    /// A connected channel to node `id` whose requests carry [`ADMIN_TOKEN`].
     pub async fn channel(&self, id: &str) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr(id))).unwrap().connect().await.unwrap()
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.addr(id)))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        feedgraph_proto::auth::with_bearer(channel, admin_bearer())
     }
 
     pub async fn graph(&self, id: &str) -> pb::graph_service_client::GraphServiceClient<Channel> {

@@ -18,8 +18,10 @@ fn driver() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-async fn graph(addr: &str) -> pb::graph_service_client::GraphServiceClient<tonic::transport::Channel> {
-    let channel = feedgraph_cluster::net::channel(addr).unwrap();
+async fn graph(
+    addr: &str,
+) -> pb::graph_service_client::GraphServiceClient<feedgraph_proto::auth::AuthChannel> {
+    let channel = feedgraph_cluster::net::channel(addr, &feedgraph_tests::admin_bearer()).unwrap();
     pb::graph_service_client::GraphServiceClient::new(channel)
 }
 
@@ -324,7 +326,7 @@ fn nodes_join_and_drain_while_feeds_are_read() {
         rt.spawn(async move {
             let mut clients = Vec::new();
             for a in &addrs {
-                let channel = feedgraph_cluster::net::channel(a).unwrap();
+                let channel = feedgraph_cluster::net::channel(a, &feedgraph_tests::admin_bearer()).unwrap();
                 clients.push(pb::feed_service_client::FeedServiceClient::new(channel));
             }
             let mut i = 0;

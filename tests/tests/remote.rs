@@ -8,13 +8,13 @@
 
 use std::path::Path;
 
+use feedgraph_proto::auth::AuthChannel as Channel;
 use feedgraph_proto::pb::v1 as pb;
 use feedgraph_retrieval::cursor::{CursorCodec, CursorState, FeedKind};
 use feedgraph_tests::muts::{self, board, follow_topic, follow_user, pin, user};
 use feedgraph_tests::{Cluster, Group};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tonic::transport::Channel;
 
 const NOW: i64 = 1_800_000_000_000;
 const USERS: u64 = 60;

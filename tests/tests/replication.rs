@@ -197,6 +197,53 @@ async fn followers_converge_and_answer_feeds_as_the_leader_does() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_clusters_admin_token_replicates_and_writes_nothing() {
+    let groups: &[Group] = &[("0-1", "a", &["b"], 1)];
+    let c = Cluster::start(&["a", "b"], 2, groups, |id, cfg| {
+        static_ranking(id, cfg);
+        if id == "b" {
+            // b accepts the harness's token (so the test can ask it) but sends another.
+            let file = cfg.data_dir.join("own-admin.tokens");
+            std::fs::write(&file, format!("another-admin-token-0001\n{}\n", feedgraph_tests::ADMIN_TOKEN))
+                .unwrap();
+            cfg.auth.admin_tokens_file = Some(file);
+        }
+    })
+    .await;
+    write(&c, "a", setup_writes(), pb::Ack::Async).await.unwrap();
+    // A write through b reaches the leader with b's token: refused, nothing written.
+    let through_b = write(&c, "b", vec![follow_user(999, 1)], pb::Ack::Async).await;
+    assert!(through_b.is_err(), "{through_b:?}");
+    let mut states = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let status =
+            c.admin("b").await.list_replicas(ipb::ListReplicasRequest {}).await.unwrap().into_inner();
+        states = status.replicas.iter().map(|r| (r.applied_sequence, r.readable, r.state.clone())).collect();
+        if states.len() == 2
+            && states.iter().all(|(_, _, s)| s.contains("admin token is not one the other node accepts"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(states.len(), 2);
+    for (applied, readable, state) in &states {
+        assert!(state.contains("admin token is not one the other node accepts"), "{states:?}");
+        assert_eq!((*applied, *readable), (0, false), "{states:?}");
+    }
+    let body = metrics_text(c.node("a").metrics_addr()).await;
+    assert!(
+        body.contains(r#"feedgraph_auth_rejected_total{code="unauthenticated",needs="admin"}"#),
+        "{body}"
+    );
+    let mut graph = c.graph("a").await;
+    let follows = graph.get_follows(pb::GetFollowsRequest { user_id: 999 }).await.unwrap().into_inner();
+    assert_eq!(follows, pb::GetFollowsResponse::default());
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_follower_and_a_restarted_leader_converge() {
     let groups: &[Group] = &[("0-1", "a", &["b"], 1)];
     let mut c = Cluster::start(&["a", "b"], 2, groups, static_ranking).await;

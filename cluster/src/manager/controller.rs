@@ -22,8 +22,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use feedgraph_proto::auth::{AuthChannel as Channel, Bearer};
 use feedgraph_proto::pb::internal as ipb;
-use tonic::transport::Channel;
 
 use super::view::{Assignment, ClusterSpec, ClusterView, Keys};
 use crate::service::{list_replicas, transition_request};
@@ -44,6 +44,9 @@ pub struct ControllerConfig {
     /// New shards wait this long for `R` nodes to join before they are placed on
     /// fewer (a cluster's nodes start one after the other).
     pub initial_wait: Duration,
+    /// What the controller's calls to nodes carry (the node's admin token, when the
+    /// cluster has tokens).
+    pub bearer: Bearer,
 }
 
 impl Default for ControllerConfig {
@@ -54,6 +57,7 @@ impl Default for ControllerConfig {
             interval: Duration::from_millis(500),
             handover_wait: Duration::from_secs(3),
             initial_wait: Duration::from_secs(10),
+            bearer: Bearer::none(),
         }
     }
 }
@@ -176,7 +180,7 @@ impl Controller {
         if let Some(c) = self.channels.get(address) {
             return Some(c.clone());
         }
-        let c = crate::net::channel(address).ok()?;
+        let c = crate::net::channel(address, &self.cfg.bearer).ok()?;
         self.channels.insert(address.to_owned(), c.clone());
         Some(c)
     }

@@ -302,14 +302,19 @@ pub struct ClusterStatus {
 
 impl ClusterStatus {
     /// Reads it (bounded: each node has a second to answer).
-    pub async fn read(client: &mut Client, keys: &Keys) -> Result<ClusterStatus> {
+    /// Nodes are asked with `bearer` (an admin token, when the cluster has tokens).
+    pub async fn read(
+        client: &mut Client,
+        keys: &Keys,
+        bearer: &feedgraph_proto::auth::Bearer,
+    ) -> Result<ClusterStatus> {
         let view = ClusterView::read(client, keys).await?;
         let controller = match client.leader(keys.election()).await {
             Ok(r) => r.kv().and_then(|kv| kv.value_str().ok()).map(str::to_owned),
             Err(_) => None,
         };
         let reports = super::controller::ask_live_nodes(&view, |address| {
-            crate::net::channel(address).map_err(|e| e.to_string())
+            crate::net::channel(address, bearer).map_err(|e| e.to_string())
         })
         .await;
         Ok(ClusterStatus { view, controller, reports })

@@ -88,6 +88,10 @@ struct TargetArgs {
     /// Shards of the embedded service.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
     shards: u32,
+    /// Bearer token for a service with tokens (`read` for feeds, `write` for ingest
+    /// and mixed loads). Prefer the environment variable: a flag shows in `ps`.
+    #[arg(long, env = "FEEDGRAPH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 fn positive(s: &str) -> Result<f64, String> {
@@ -235,7 +239,9 @@ struct Target {
 impl Target {
     async fn open(args: &TargetArgs, spec: Option<&GraphSpec>) -> anyhow::Result<Self> {
         if !args.embedded {
-            let client = scenario::connect(&args.addr, Duration::from_secs(3)).await?;
+            let bearer = feedgraph_proto::auth::Bearer::from_user(args.token.as_deref())
+                .context("--token / FEEDGRAPH_TOKEN")?;
+            let client = scenario::connect(&args.addr, Duration::from_secs(3), bearer).await?;
             return Ok(Target { client, metrics_addr: args.metrics_addr.clone(), node: None });
         }
         let dir = tempfile::tempdir().context("temporary data directory")?;
@@ -265,7 +271,13 @@ impl Target {
         })
         .await??;
         let node = feedgraph_server::start_with(config, shards).await?;
-        let client = scenario::connect(&node.grpc_addr().to_string(), Duration::from_secs(3)).await?;
+        // The embedded service has no tokens.
+        let client = scenario::connect(
+            &node.grpc_addr().to_string(),
+            Duration::from_secs(3),
+            feedgraph_proto::auth::Bearer::none(),
+        )
+        .await?;
         eprintln!("embedded service on {}", node.grpc_addr());
         let metrics_addr = node.metrics_addr().to_string();
         Ok(Target { client, metrics_addr, node: Some((node, dir)) })
