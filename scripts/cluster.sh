@@ -81,13 +81,34 @@ export FEEDGRAPH_ADMIN_TOKENS="$(cat "$dir/admin.token")"
 # This script's own commands (status, ingest, feed) use the admin token.
 export FEEDGRAPH_TOKEN="$FEEDGRAPH_ADMIN_TOKENS"
 
+# Mutual TLS: a CA made here signs one certificate for 127.0.0.1, which every node
+# serves and presents to the others; the clients here present it too.
+(
+  umask 077
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=feedgraph local CA" -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=feedgraph node" \
+    -keyout "$dir/node.key" -out "$dir/node.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$dir/node.ext"
+  openssl x509 -req -in "$dir/node.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 2 -extfile "$dir/node.ext" -out "$dir/node.crt" 2>/dev/null
+)
+cat >"$dir/tls.toml" <<EOT
+[tls]
+cert_file = "$dir/node.crt"
+key_file = "$dir/node.key"
+ca_file = "$dir/ca.crt"
+client_auth = true
+EOT
+export FEEDGRAPH_TLS_CA="$dir/ca.crt" FEEDGRAPH_TLS_CERT="$dir/node.crt" FEEDGRAPH_TLS_KEY="$dir/node.key"
+
 first=""
 for i in $(seq 1 "$nodes"); do
   # A port taken between free_port and the bind makes the node exit: try new ports.
   for attempt in 1 2 3; do
     grpc=$(free_port); metrics=$(free_port)
     [ "$metrics" != "$grpc" ] || metrics=$(free_port)
-    "$bin/feedgraph" serve --node-id "node-$i" --listen "127.0.0.1:$grpc" --metrics-listen "127.0.0.1:$metrics" \
+    "$bin/feedgraph" serve --config "$dir/tls.toml" --node-id "node-$i" --listen "127.0.0.1:$grpc" --metrics-listen "127.0.0.1:$metrics" \
       --data-dir "$dir/node-$i" --replicas 3 --log warn >"$dir/node-$i.log" 2>&1 &
     pid=$!
     pids+=($pid)
@@ -116,9 +137,11 @@ echo "a following feed through node-1:"
 if [ "$wait" = 1 ]; then
   cat <<EOT
 
-The cluster is up, with tokens per role in $dir/{read,write,admin}.token.
+The cluster is up, with tokens per role in $dir/{read,write,admin}.token, and
+mutual TLS (CA $dir/ca.crt; clients present $dir/node.crt).
 Try, in another terminal:
   export FEEDGRAPH_CLUSTER=$FEEDGRAPH_CLUSTER
+  export FEEDGRAPH_TLS_CA=$dir/ca.crt FEEDGRAPH_TLS_CERT=$dir/node.crt FEEDGRAPH_TLS_KEY=$dir/node.key
   FEEDGRAPH_TOKEN=\$(cat $dir/read.token) $bin/feedgraph feed --addr $first --user 42
   FEEDGRAPH_TOKEN=\$(cat $dir/read.token) $bin/feedgraph feed --addr $first --user 42 --home
   $bin/feedgraph feed --addr $first --user 42     # no token: UNAUTHENTICATED

@@ -5,9 +5,10 @@
 #   protobuf-compiler  protoc, for etcd-client's build (our own protos use protox)
 #   libprotobuf-dev    the well-known .proto files etcd-client's protos import
 #   etcd-server        started by the cluster tests on 127.0.0.1
+#   openssl            the local cluster's CA and certificates (scripts/cluster.sh)
 set -euo pipefail
 
-packages=(libclang-dev protobuf-compiler libprotobuf-dev etcd-server)
+packages=(libclang-dev protobuf-compiler libprotobuf-dev etcd-server openssl)
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (rustup) first" >&2

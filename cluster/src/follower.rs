@@ -63,7 +63,7 @@ pub(crate) async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let shard = replica.shard();
-    let mut client = match net::channel(&leader, &replica.cfg.bearer) {
+    let mut client = match net::channel(&leader, &replica.cfg.credentials) {
         Ok(channel) => Client::new(channel).max_decoding_message_size(net::MAX_MESSAGE_BYTES),
         Err(e) => {
             tracing::error!(shard, %leader, error = %e, "cannot replicate from this address");

@@ -59,8 +59,8 @@ pub struct ReplicationConfig {
     /// many bytes (tests of resumption).
     pub break_checkpoint_after_bytes: Option<u64>,
     /// What this node's requests to its leaders carry (its admin token, when the
-    /// cluster has tokens).
-    pub bearer: feedgraph_proto::auth::Bearer,
+    /// cluster has tokens; TLS settings, when it uses TLS).
+    pub credentials: feedgraph_proto::auth::Credentials,
 }
 
 impl Default for ReplicationConfig {
@@ -73,7 +73,7 @@ impl Default for ReplicationConfig {
             checkpoint_ttl: Duration::from_secs(600),
             lag_warn: Duration::from_secs(5),
             break_checkpoint_after_bytes: None,
-            bearer: feedgraph_proto::auth::Bearer::none(),
+            credentials: feedgraph_proto::auth::Credentials::none(),
         }
     }
 }

@@ -5,8 +5,7 @@
 
 use std::time::Duration;
 
-use feedgraph_proto::auth::{AuthChannel, Bearer, with_bearer};
-use tonic::transport::Endpoint;
+use feedgraph_proto::auth::{AuthChannel, Credentials};
 
 use crate::Error;
 
@@ -19,15 +18,10 @@ pub const CONNECTION_WINDOW: u32 = 8 << 20;
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 /// `host:port` or a URL → a channel that connects on first use, so that an unreachable
-/// node fails requests, not start-up; every request carries `bearer` (the node's admin
-/// token, when the cluster has tokens).
-pub fn channel(addr: &str, bearer: &Bearer) -> Result<AuthChannel, Error> {
-    let url = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(url).map_err(|e| Error::Remote(format!("address `{addr}`: {e}")))?;
+/// node fails requests, not start-up; with the node's `credentials` (its admin token
+/// on every request, TLS when the cluster uses it).
+pub fn channel(addr: &str, credentials: &Credentials) -> Result<AuthChannel, Error> {
+    let endpoint = credentials.endpoint(addr).map_err(|e| Error::Remote(format!("address `{addr}`: {e}")))?;
     let channel = endpoint
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_millis(500))
@@ -36,5 +30,5 @@ pub fn channel(addr: &str, bearer: &Bearer) -> Result<AuthChannel, Error> {
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .connect_lazy();
-    Ok(with_bearer(channel, bearer.clone()))
+    Ok(credentials.authorize(channel))
 }

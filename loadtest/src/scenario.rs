@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use feedgraph_model::{FollowTarget, Mutation, UserId};
-use feedgraph_proto::auth::{AuthChannel, Bearer, with_bearer};
+use feedgraph_proto::auth::{AuthChannel, Credentials};
 use feedgraph_proto::pb::v1 as pb;
 use prost::Message;
 use rand::Rng;
@@ -24,14 +24,12 @@ pub struct Client {
 }
 
 /// Connects, failing with a clear message (before any load starts) when the target
-/// does not answer within `timeout`; every request carries `bearer`.
-pub async fn connect(addr: &str, timeout: Duration, bearer: Bearer) -> anyhow::Result<Client> {
-    let url = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+/// does not answer within `timeout`; with `credentials` (a token on every request,
+/// TLS when given).
+pub async fn connect(addr: &str, timeout: Duration, credentials: Credentials) -> anyhow::Result<Client> {
+    let url = credentials.url(addr);
+    let channel = credentials
+        .endpoint(addr)
         .with_context(|| format!("`{addr}` is not an address"))?
         .tcp_nodelay(true)
         .connect_timeout(timeout)
@@ -39,7 +37,7 @@ pub async fn connect(addr: &str, timeout: Duration, bearer: Bearer) -> anyhow::R
         .connect()
         .await
         .with_context(|| format!("cannot reach a feedgraph service at {url}"))?;
-    let channel = with_bearer(channel, bearer);
+    let channel = credentials.authorize(channel);
     Ok(Client {
         feed: pb::feed_service_client::FeedServiceClient::new(channel.clone()),
         graph: pb::graph_service_client::GraphServiceClient::new(channel),

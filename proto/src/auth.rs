@@ -1,5 +1,6 @@
-//! Who may call what: the role each RPC needs, bearer tokens, and the channel every
-//! client of this workspace (nodes, CLI, load tool, tests) sends them on.
+//! Who may call what: the role each RPC needs, bearer tokens, and the credentials and
+//! channel every client of this workspace (nodes, CLI, load tool, tests) sends them
+//! with (a token, and TLS settings for a server with TLS).
 //!
 //! Roles are ordered: `read` (feeds, pins, follows) < `write` (graph writes, signals)
 //! < `admin` (admin, replication, the shard and scorer services between nodes). A
@@ -10,10 +11,12 @@
 use std::fmt;
 use std::sync::Arc;
 
+use std::path::Path;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// What a token may do. Ordered: a higher role includes the lower ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -98,6 +101,8 @@ pub enum TokenError {
     TooShort(usize),
     #[error("a token may hold only visible ASCII characters (no spaces or control characters)")]
     NotVisibleAscii,
+    #[error("a token may not contain `,` or start with `#` (token lists use them)")]
+    ListSyntax,
 }
 
 /// Shortest token accepted: guessing one must be hopeless.
@@ -109,6 +114,11 @@ impl Secret {
     pub fn new(token: &str) -> Result<Self, TokenError> {
         if !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(TokenError::NotVisibleAscii);
+        }
+        // Token lists split on commas and skip `#` lines: such a token could be sent
+        // but never configured.
+        if token.contains(',') || token.starts_with('#') {
+            return Err(TokenError::ListSyntax);
         }
         if token.len() < MIN_TOKEN_LEN {
             return Err(TokenError::TooShort(token.len()));
@@ -189,6 +199,64 @@ impl Interceptor for Bearer {
 /// A channel whose requests carry a bearer token.
 pub type AuthChannel = InterceptedService<Channel, Bearer>;
 
+/// What a client of this workspace presents to a server: a bearer token and, for a
+/// server with TLS, the roots it trusts (and its own certificate, for mutual TLS).
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    pub bearer: Bearer,
+    pub tls: Option<ClientTlsConfig>,
+}
+
+impl Credentials {
+    /// No token, plaintext.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    pub fn new(bearer: Bearer, tls: Option<ClientTlsConfig>) -> Self {
+        Self { bearer, tls }
+    }
+
+    /// `host:port` (or a URL, kept as it is) → the URL to dial: `https://` with TLS.
+    pub fn url(&self, addr: &str) -> String {
+        if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr.to_owned()
+        } else if self.tls.is_some() {
+            format!("https://{addr}")
+        } else {
+            format!("http://{addr}")
+        }
+    }
+
+    /// The endpoint of `addr`, with TLS when configured (the server's name is the
+    /// address's host: its certificate must name that host or IP address).
+    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+        let endpoint = Endpoint::from_shared(self.url(addr))?;
+        match &self.tls {
+            Some(tls) => endpoint.tls_config(tls.clone()),
+            None => Ok(endpoint),
+        }
+    }
+
+    /// `channel` with this bearer on every request.
+    pub fn authorize(&self, channel: Channel) -> AuthChannel {
+        with_bearer(channel, self.bearer.clone())
+    }
+}
+
+/// A client TLS configuration from PEM files: the CA that signs the servers'
+/// certificates and, for mutual TLS, this client's certificate chain and key.
+pub fn client_tls(ca: &Path, identity: Option<(&Path, &Path)>) -> std::io::Result<ClientTlsConfig> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| std::io::Error::new(e.kind(), format!("reading {}: {e}", p.display())))
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(tls)
+}
+
 /// `channel` with `bearer` on every request.
 pub fn with_bearer(channel: Channel, bearer: Bearer) -> AuthChannel {
     InterceptedService::new(channel, bearer)
@@ -207,7 +275,19 @@ mod tests {
             for service in &file.service {
                 for method in &service.method {
                     let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
-                    assert_ne!(access(&path), Access::Unknown, "{path} has no role in auth::access");
+                    let expected = match file.package() {
+                        // Between nodes and operators: admin, whatever the method.
+                        "feedgraph.internal.v1" => Role::Admin,
+                        "feedgraph.v1" => match method.name() {
+                            "Write" | "UpsertSignals" => Role::Write,
+                            "GetFollowingFeed" | "GetHomeFeed" | "GetPin" | "GetFollows" => Role::Read,
+                            other => {
+                                panic!("{other}: a new public method; decide its role here and in access")
+                            }
+                        },
+                        other => panic!("package {other}: decide its roles"),
+                    };
+                    assert_eq!(access(&path), Access::Needs(expected), "{path}");
                     methods += 1;
                 }
             }
@@ -235,6 +315,8 @@ mod tests {
         assert_eq!(Secret::new("short"), Err(TokenError::TooShort(5)));
         assert_eq!(Secret::new("has a space in the middle"), Err(TokenError::NotVisibleAscii));
         assert_eq!(Secret::new("nön-ascii-token-xxxxxxxx"), Err(TokenError::NotVisibleAscii));
+        assert_eq!(Secret::new("comma,in-the-token-xxxxxx"), Err(TokenError::ListSyntax));
+        assert_eq!(Secret::new("#looks-like-a-comment-xxx"), Err(TokenError::ListSyntax));
         let s = Secret::new("0123456789abcdef-secret").unwrap();
         assert!(!format!("{s:?}").contains("secret"));
         let b = Bearer::new(Some(&s));

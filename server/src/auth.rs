@@ -22,7 +22,7 @@ use crate::config::{AuthConfig, ConfigError};
 use crate::metrics::Metrics;
 
 /// Tokens given to a process other than through files (the environment), by role.
-/// `Debug` shows counts only ([`Secret`] is redacted).
+/// `Debug` shows `Secret(<redacted>)` for each.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RoleTokens {
     pub read: Vec<Secret>,

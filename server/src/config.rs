@@ -41,7 +41,67 @@ pub struct Config {
     pub store: StoreConfig,
     pub scorer: ScorerConfig,
     pub auth: AuthConfig,
+    pub tls: TlsConfig,
     pub debug: DebugConfig,
+}
+
+/// TLS on this node's gRPC port and on its calls to other nodes and to a standalone
+/// scorer (the metrics port stays plain HTTP).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain this node presents. With `key_file`: TLS on. It must name
+    /// the host or IP address others reach the node at (its placement or advertised
+    /// address).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// PEM certificate(s) of the CA that signs the cluster's certificates: the nodes
+    /// and the scorer this node calls must present one it signed (and, with
+    /// `client_auth`, so must every client of this node).
+    pub ca_file: Option<PathBuf>,
+    /// Mutual TLS: every client, other nodes included, must present a certificate
+    /// signed by `ca_file` (nodes present their own `cert_file`).
+    pub client_auth: bool,
+    /// How often `cert_file` and `key_file` are read again, in ms: a renewed pair is
+    /// served without restart (a pair that does not load is refused and logged).
+    pub reload_interval_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            ca_file: None,
+            client_auth: false,
+            reload_interval_ms: 10_000,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether the gRPC port serves TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    /// Checks the fields (not the files: they are read at start).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(invalid("tls.key_file", "set both cert_file and key_file, or neither"));
+        }
+        if !self.enabled() && (self.ca_file.is_some() || self.client_auth) {
+            return Err(invalid("tls.ca_file", "ca_file and client_auth need cert_file and key_file"));
+        }
+        if self.client_auth && self.ca_file.is_none() {
+            return Err(invalid("tls.client_auth", "needs tls.ca_file to verify clients against"));
+        }
+        if self.reload_interval_ms == 0 {
+            return Err(invalid("tls.reload_interval_ms", "must be at least 1"));
+        }
+        Ok(())
+    }
 }
 
 /// Who may call what: bearer tokens per role (`read` < `write` < `admin`, each
@@ -159,6 +219,8 @@ pub struct ScorerServerConfig {
     pub log: String,
     /// Tokens: `ScoreBatch` and `ListModels` need an `admin` token (what nodes send).
     pub auth: AuthConfig,
+    /// TLS on the scorer's gRPC port.
+    pub tls: TlsConfig,
 }
 
 impl Default for ScorerServerConfig {
@@ -171,6 +233,7 @@ impl Default for ScorerServerConfig {
             reload_interval_ms: 1000,
             log: "info".into(),
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -191,6 +254,13 @@ impl ScorerServerConfig {
             return Err(invalid("reload_interval_ms", "must be at least 1"));
         }
         self.auth.keyring()?;
+        if self.auth.insecure {
+            return Err(invalid(
+                "auth.insecure",
+                "a standalone scorer without tokens is already open (and warns); insecure is for clusters",
+            ));
+        }
+        self.tls.validate()?;
         Ok(())
     }
 }
@@ -391,6 +461,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             scorer: ScorerConfig::default(),
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
             debug: DebugConfig::default(),
         }
     }
@@ -495,6 +566,22 @@ impl Config {
             return Err(invalid(
                 "auth",
                 "a cluster needs tokens, or every node's admin and shard methods are open to anyone who reaches its port: set auth.admin_tokens_file (and the read and write files) or FEEDGRAPH_ADMIN_TOKENS, or serve it open with --insecure",
+            ));
+        }
+        self.tls.validate()?;
+        let calls_others = self.placement.is_some()
+            || self.cluster.etcd.is_some()
+            || self.scorer.endpoint.as_deref().is_some_and(|e| e.starts_with("https://"));
+        if self.tls.enabled() && calls_others && self.tls.ca_file.is_none() {
+            return Err(invalid(
+                "tls.ca_file",
+                "this node calls other nodes (or a scorer) over TLS: set the CA that signs their certificates",
+            ));
+        }
+        if self.scorer.endpoint.as_deref().is_some_and(|e| e.starts_with("https://")) && !self.tls.enabled() {
+            return Err(invalid(
+                "scorer.endpoint",
+                "an https:// scorer needs [tls] cert_file, key_file and ca_file on this node",
             ));
         }
         let c = &self.cluster;
@@ -649,10 +736,11 @@ impl Config {
         }
     }
 
-    /// Replication settings for the node's replicas, whose requests carry `bearer`.
+    /// Replication settings for the node's replicas, whose requests present
+    /// `credentials`.
     pub fn replication_config(
         &self,
-        bearer: feedgraph_proto::auth::Bearer,
+        credentials: feedgraph_proto::auth::Credentials,
     ) -> feedgraph_cluster::ReplicationConfig {
         let r = &self.replication;
         feedgraph_cluster::ReplicationConfig {
@@ -663,7 +751,7 @@ impl Config {
             checkpoint_ttl: Duration::from_secs(r.checkpoint_ttl_s),
             lag_warn: Duration::from_millis(r.lag_warn_ms),
             break_checkpoint_after_bytes: self.debug.break_checkpoint_after_bytes,
-            bearer,
+            credentials,
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod routing;
 pub mod scorer;
 pub mod service;
 pub mod shard_service;
+pub mod tls;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -275,18 +276,64 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     }
 }
 
-fn bind(config: &Config) -> Result<tonic::transport::server::TcpIncoming, Error> {
-    // tonic ignores the builder's nodelay with a custom incoming: set it here.
-    Ok(tonic::transport::server::TcpIncoming::bind(config.listen)
-        .map_err(io(format!("binding gRPC on {}", config.listen)))?
-        .with_nodelay(Some(true)))
+/// The gRPC listener (served plain or with TLS by [`spawn_server`]).
+pub(crate) fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    let what = || format!("binding gRPC on {addr}");
+    let listener = std::net::TcpListener::bind(addr).map_err(io(what()))?;
+    listener.set_nonblocking(true).map_err(io(what()))?;
+    tokio::net::TcpListener::from_std(listener).map_err(io(what()))
+}
+
+/// The node's security: the tokens it accepts, its server TLS, and what its own calls
+/// to other nodes and a scorer present. Blocking (reads token and certificate files).
+struct Security {
+    keyring: auth::Keyring,
+    tls: Option<Arc<tls::ServerTls>>,
+    credentials: feedgraph_proto::auth::Credentials,
+}
+
+impl Security {
+    fn load(config: &Config) -> Result<Self, Error> {
+        let keyring = config.auth.keyring()?;
+        let credentials =
+            feedgraph_proto::auth::Credentials::new(keyring.node_bearer(), tls::client_config(&config.tls)?);
+        Ok(Self { keyring, tls: tls::ServerTls::load(&config.tls)?, credentials })
+    }
+}
+
+/// The router every listener of this crate serves (see [`server_builder`]).
+pub(crate) type AuthRouter =
+    tonic::transport::server::Router<tower_layer::Stack<auth::AuthLayer, tower_layer::Identity>>;
+
+/// Serves `router` on `listener` until `stopped`: plain, or TLS (handshakes off the
+/// accept loop) with `tls`.
+pub(crate) fn spawn_server(
+    router: AuthRouter,
+    listener: tokio::net::TcpListener,
+    tls: Option<&Arc<tls::ServerTls>>,
+    metrics: Arc<metrics::Metrics>,
+    stopped: oneshot::Receiver<()>,
+) -> JoinHandle<Result<(), tonic::transport::Error>> {
+    let signal = async move {
+        let _ = stopped.await;
+    };
+    match tls {
+        // tonic ignores the builder's nodelay with a custom incoming: set it here.
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal))
+        }
+        Some(tls) => {
+            tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener, metrics), signal))
+        }
+    }
 }
 
 fn node_setup(
     config: &Config,
     address: String,
     memory: feedgraph_graph_store::StoreMemory,
-    keyring: &auth::Keyring,
+    security: &Security,
 ) -> NodeSetup {
     let (cfg, mem) = (config.clone(), memory.clone());
     NodeSetup {
@@ -296,7 +343,7 @@ fn node_setup(
         data_dir: config.data_dir.clone(),
         options: Arc::new(move |shard| cfg.shard_options(shard, &mem)),
         memory,
-        replication: config.replication_config(keyring.node_bearer()),
+        replication: config.replication_config(security.credentials.clone()),
     }
 }
 
@@ -304,13 +351,14 @@ fn node_setup(
 /// shard a local leader at its epoch (unless a replica remembers another role).
 pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node, Error> {
     config.validate()?;
-    let incoming = bind(&config)?;
+    let incoming = bind(config.listen)?;
     let grpc_addr = incoming.local_addr().map_err(io("gRPC listener address"))?;
     let memory = shards.first().map_or_else(|| config.store_memory(), |s| s.memory().clone());
-    let keyring = config.auth.keyring()?;
+    let cfg = config.clone();
+    let security = blocking(move || Security::load(&cfg)).await?;
     let replicas =
-        Replicas::standalone(node_setup(&config, grpc_addr.to_string(), memory, &keyring), shards).await?;
-    serve(config, keyring, replicas, Mode::Standalone, incoming).await
+        Replicas::standalone(node_setup(&config, grpc_addr.to_string(), memory, &security), shards).await?;
+    serve(config, security, replicas, Mode::Standalone, incoming).await
 }
 
 /// A node of an etcd cluster: it opens the replicas it remembers (leaders offline
@@ -318,13 +366,14 @@ pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node,
 async fn start_clustered(config: Config) -> Result<Node, Error> {
     let cfg = config.clone();
     blocking(move || check_data_dir(&cfg)).await?;
-    let incoming = bind(&config)?;
+    let incoming = bind(config.listen)?;
     let grpc_addr = incoming.local_addr().map_err(io("gRPC listener address"))?;
     let address = config.cluster.advertise.clone().unwrap_or_else(|| grpc_addr.to_string());
-    let keyring = config.auth.keyring()?;
+    let cfg = config.clone();
+    let security = blocking(move || Security::load(&cfg)).await?;
     let replicas =
-        Replicas::remembered(node_setup(&config, address, config.store_memory(), &keyring)).await?;
-    serve(config, keyring, replicas, Mode::Cluster, incoming).await
+        Replicas::remembered(node_setup(&config, address, config.store_memory(), &security)).await?;
+    serve(config, security, replicas, Mode::Cluster, incoming).await
 }
 
 /// Where a node's replicas come from.
@@ -338,25 +387,27 @@ enum Mode {
 async fn start_placed(config: Config, placement: Placement) -> Result<Node, Error> {
     let cfg = config.clone();
     blocking(move || check_data_dir(&cfg)).await?;
-    let incoming = bind(&config)?;
+    let incoming = bind(config.listen)?;
     let address = placement
         .address(&config.node_id)
         .ok_or_else(|| Error::DataDir(format!("node `{}` is not in the placement", config.node_id)))?
         .to_owned();
-    let keyring = config.auth.keyring()?;
+    let cfg = config.clone();
+    let security = blocking(move || Security::load(&cfg)).await?;
     let replicas =
-        Replicas::placed(node_setup(&config, address, config.store_memory(), &keyring), &placement).await?;
+        Replicas::placed(node_setup(&config, address, config.store_memory(), &security), &placement).await?;
     tracing::info!(node = %config.node_id, replicas = ?replicas.shard_ids(), "replicas placed");
-    serve(config, keyring, replicas, Mode::Placed(placement), incoming).await
+    serve(config, security, replicas, Mode::Placed(placement), incoming).await
 }
 
 async fn serve(
     config: Config,
-    keyring: auth::Keyring,
+    security: Security,
     replicas: Arc<Replicas>,
     mode: Mode,
-    incoming: tonic::transport::server::TcpIncoming,
+    incoming: tokio::net::TcpListener,
 ) -> Result<Node, Error> {
+    let Security { keyring, tls, credentials } = security;
     let placement = match &mode {
         Mode::Placed(p) => Some(p),
         Mode::Standalone | Mode::Cluster => None,
@@ -373,7 +424,7 @@ async fn serve(
         placement,
         std::time::Duration::from_millis(r.remote_timeout_ms),
         std::time::Duration::from_millis(r.semi_sync_timeout_ms),
-        keyring.node_bearer(),
+        credentials.clone(),
     ));
     let delays = broker_config.shard_delays.clone();
     let mut broker = Broker::with_directory(directory.clone(), broker_config, key)?;
@@ -397,7 +448,7 @@ async fn serve(
             .set_serving::<pb::internal::scorer_service_server::ScorerServiceServer<scorer::ScorerApi>>()
             .await;
     } else if let Some(endpoint) = &sc.endpoint {
-        broker = broker.with_scorer(Arc::new(scorer::RemoteScorer::new(endpoint, keyring.node_bearer())?));
+        broker = broker.with_scorer(Arc::new(scorer::RemoteScorer::new(endpoint, &credentials)?));
     }
     let broker = Arc::new(broker);
     metrics.watch_broker(broker.clone());
@@ -432,7 +483,6 @@ async fn serve(
             "no tokens configured: every RPC, writes and admin included, is open to whoever reaches {grpc_addr}"
         );
     }
-    let node_bearer = keyring.node_bearer();
     let router = crate::server_builder(auth::AuthLayer::new(Arc::new(keyring), metrics.clone()))
         .add_service(health_service)
         .add_service(reflection)
@@ -442,9 +492,12 @@ async fn serve(
         .add_service(ReplicationServiceServer::new(ReplicationApi { replicas: replicas.clone() }))
         .add_service(AdminServiceServer::new(AdminApi { replicas: replicas.clone() }))
         .add_optional_service(scorer_service);
-    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
-        let _ = stopped.await;
-    }));
+    let server = spawn_server(router, incoming, tls.as_ref(), metrics.clone(), stopped);
+    if let Some(tls) = &tls {
+        let (stop_reload, reload_stopped) = oneshot::channel::<()>();
+        tasks.push(tls.spawn_reloader(metrics.clone(), reload_stopped));
+        stops.push(stop_reload);
+    }
     let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, async {
         let _ = metrics_stopped.await;
@@ -469,7 +522,7 @@ async fn serve(
     let serving = Serving { stops, server, tasks };
     // Joined once serving: the controller calls this node as soon as it registers.
     let member = match (&mode, &config.cluster.etcd) {
-        (Mode::Cluster, Some(url)) => match join(&config, url, &replicas, &directory, node_bearer).await {
+        (Mode::Cluster, Some(url)) => match join(&config, url, &replicas, &directory, credentials).await {
             Ok(m) => Some(m),
             Err(e) => {
                 replicas.shutdown().await;
@@ -487,7 +540,7 @@ async fn join(
     url: &str,
     replicas: &Arc<Replicas>,
     directory: &Arc<routing::ClusterDirectory>,
-    bearer: feedgraph_proto::auth::Bearer,
+    credentials: feedgraph_proto::auth::Credentials,
 ) -> Result<Member, Error> {
     let c = &config.cluster;
     let member_config = MemberConfig {
@@ -500,7 +553,7 @@ async fn join(
         controller: manager::ControllerConfig {
             replace_after: std::time::Duration::from_millis(c.replace_after_ms),
             max_bootstraps_per_node: c.max_bootstraps_per_node,
-            bearer,
+            credentials,
             ..manager::ControllerConfig::default()
         },
     };

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use feedgraph_proto::auth::{AuthChannel, Bearer, with_bearer};
+use feedgraph_proto::auth::{AuthChannel, Bearer, Credentials};
 use feedgraph_proto::pb::v1 as pb;
 use feedgraph_server::Config;
 
@@ -40,29 +40,47 @@ enum Command {
     Cluster(ClusterArgs),
 }
 
-/// The bearer token a command sends to a service with tokens.
+/// What a command presents to a service with tokens or TLS.
 #[derive(Args, Debug)]
 struct TokenArg {
     /// Bearer token: `read` for feeds, `write` for writes, `admin` for shard and
     /// cluster commands. Prefer the environment variable: a flag shows in `ps`.
     #[arg(long, env = "FEEDGRAPH_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// TLS: the CA (PEM) that signs the service's certificate; addresses without a
+    /// scheme are then dialled with https.
+    #[arg(long, env = "FEEDGRAPH_TLS_CA", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Mutual TLS: this client's certificate chain (PEM), with --tls-key.
+    #[arg(long, env = "FEEDGRAPH_TLS_CERT", global = true, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Mutual TLS: this client's private key (PEM).
+    #[arg(long, env = "FEEDGRAPH_TLS_KEY", global = true, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 impl TokenArg {
-    fn bearer(&self) -> anyhow::Result<Bearer> {
-        Bearer::from_user(self.token.as_deref()).context("--token / FEEDGRAPH_TOKEN")
+    fn credentials(&self) -> anyhow::Result<Credentials> {
+        let bearer = Bearer::from_user(self.token.as_deref()).context("--token / FEEDGRAPH_TOKEN")?;
+        let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+        let tls = match &self.tls_ca {
+            Some(ca) => Some(feedgraph_proto::auth::client_tls(ca, identity)?),
+            None if identity.is_some() => bail!("--tls-cert needs --tls-ca"),
+            None => None,
+        };
+        Ok(Credentials::new(bearer, tls))
     }
 }
 
-/// A lazily connected channel to `addr` whose requests carry `bearer`.
-fn client_channel(addr: &str, bearer: Bearer) -> anyhow::Result<AuthChannel> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint(addr))
+/// A lazily connected channel to `addr` with `credentials`.
+fn client_channel(addr: &str, credentials: &Credentials) -> anyhow::Result<AuthChannel> {
+    let channel = credentials
+        .endpoint(addr)
         .with_context(|| format!("address {addr}"))?
         .connect_timeout(std::time::Duration::from_secs(2))
         .tcp_nodelay(true)
         .connect_lazy();
-    Ok(with_bearer(channel, bearer))
+    Ok(credentials.authorize(channel))
 }
 
 #[derive(Args, Debug)]
@@ -870,17 +888,11 @@ async fn shutdown_signal() {
     }
 }
 
-fn endpoint(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 async fn feed(args: FeedArgs) -> anyhow::Result<()> {
-    let mut client =
-        pb::feed_service_client::FeedServiceClient::new(client_channel(&args.addr, args.token.bearer()?)?);
+    let mut client = pb::feed_service_client::FeedServiceClient::new(client_channel(
+        &args.addr,
+        &args.token.credentials()?,
+    )?);
     let request = pb::FeedRequest {
         user_id: args.user,
         page_size: args.page_size,
@@ -1032,8 +1044,10 @@ async fn write(args: WriteArgs) -> anyhow::Result<()> {
             Op::UnblockUser(pb::UnblockUser { user_id: user, blocked_user_id: blocked })
         }
     };
-    let mut client =
-        pb::graph_service_client::GraphServiceClient::new(client_channel(&args.addr, args.token.bearer()?)?);
+    let mut client = pb::graph_service_client::GraphServiceClient::new(client_channel(
+        &args.addr,
+        &args.token.credentials()?,
+    )?);
     let request = pb::WriteRequest {
         mutations: vec![pb::Mutation { op: Some(op) }],
         ack: if args.sync { pb::Ack::Sync } else { pb::Ack::Async } as i32,
@@ -1069,11 +1083,11 @@ fn target(f: &FollowArgs) -> anyhow::Result<pb::FollowTarget> {
 
 fn admin_client(
     addr: &str,
-    bearer: &Bearer,
+    credentials: &Credentials,
 ) -> anyhow::Result<feedgraph_proto::pb::internal::admin_service_client::AdminServiceClient<AuthChannel>> {
     Ok(feedgraph_proto::pb::internal::admin_service_client::AdminServiceClient::new(client_channel(
         addr,
-        bearer.clone(),
+        credentials,
     )?))
 }
 
@@ -1094,10 +1108,10 @@ async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     use feedgraph_cluster::manager::{self, ClusterStatus, Keys};
     let mut client = manager::connect(&manager::parse_endpoints(&args.etcd)?).await?;
     let keys = Keys::new(&args.name);
-    let bearer = args.token.bearer()?;
+    let credentials = args.token.credentials()?;
     match args.what {
         ClusterCommand::Status { json } => {
-            let status = ClusterStatus::read(&mut client, &keys, &bearer).await?;
+            let status = ClusterStatus::read(&mut client, &keys, &credentials).await?;
             let view = &status.view;
             let Some(spec) = view.spec else {
                 bail!("no cluster `{}` in etcd at {} (no node has joined it)", args.name, args.etcd);
@@ -1211,7 +1225,7 @@ async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
             if wait {
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
                 loop {
-                    let status = ClusterStatus::read(&mut client, &keys, &bearer).await?;
+                    let status = ClusterStatus::read(&mut client, &keys, &credentials).await?;
                     let held = status.view.shards.iter().flatten().filter(|a| a.holds(&node)).count();
                     if held == 0 && status.converged() {
                         println!("{node} holds no replica; it can be stopped");
@@ -1235,7 +1249,7 @@ async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
 
 async fn shard(args: ShardArgs) -> anyhow::Result<()> {
     use feedgraph_proto::pb::internal as ipb;
-    let bearer = args.token.bearer()?;
+    let credentials = args.token.credentials()?;
     match args.what {
         ShardCommand::Status { addr, placement, json } => {
             let addrs: Vec<String> = match placement {
@@ -1244,7 +1258,7 @@ async fn shard(args: ShardArgs) -> anyhow::Result<()> {
             };
             let mut nodes = Vec::new();
             for a in &addrs {
-                let answer = match admin_client(a, &bearer) {
+                let answer = match admin_client(a, &credentials) {
                     Ok(mut c) => c
                         .list_replicas(ipb::ListReplicasRequest {})
                         .await
@@ -1331,7 +1345,7 @@ async fn shard(args: ShardArgs) -> anyhow::Result<()> {
                 "offline" => ipb::ReplicaRole::Offline,
                 other => bail!("--role must be leader, follower or offline, not {other}"),
             };
-            let mut client = admin_client(&addr, &bearer)?;
+            let mut client = admin_client(&addr, &credentials)?;
             let r = client
                 .transition_replica(ipb::TransitionReplicaRequest {
                     shard,
@@ -1356,7 +1370,7 @@ async fn shard(args: ShardArgs) -> anyhow::Result<()> {
             Ok(())
         }
         ShardCommand::Checkpoint { addr, shard, dir } => {
-            let mut client = admin_client(&addr, &bearer)?;
+            let mut client = admin_client(&addr, &credentials)?;
             let r = client
                 .create_checkpoint(ipb::CreateCheckpointRequest { shard, directory: dir })
                 .await

@@ -27,6 +27,8 @@ pub struct Metrics {
     model_loads: IntCounterVec,
     model_version: IntGaugeVec,
     auth_rejected: IntCounterVec,
+    tls_reloads: IntCounterVec,
+    tls_handshake_failures: IntCounter,
     replicas: OnceLock<Arc<Replicas>>,
     replica: ReplicaMetrics,
     broker: OnceLock<Arc<Broker>>,
@@ -274,6 +276,19 @@ impl Metrics {
             &["code", "needs"],
         )?;
         registry.register(Box::new(auth_rejected.clone()))?;
+        let tls_reloads = IntCounterVec::new(
+            Opts::new(
+                "tls_certificate_reloads_total",
+                "Changed TLS certificate files: loaded (now served) or refused (the previous pair stays)",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(tls_reloads.clone()))?;
+        let tls_handshake_failures = IntCounter::new(
+            "tls_handshake_failures_total",
+            "TLS handshakes that failed or timed out (a plaintext client, an untrusted certificate, a missing client certificate)",
+        )?;
+        registry.register(Box::new(tls_handshake_failures.clone()))?;
         registry.register(Box::new(feed_scoring.clone()))?;
         registry.register(Box::new(model_loads.clone()))?;
         registry.register(Box::new(model_version.clone()))?;
@@ -293,6 +308,8 @@ impl Metrics {
             model_loads,
             model_version,
             auth_rejected,
+            tls_reloads,
+            tls_handshake_failures,
             replicas: OnceLock::new(),
             replica,
             broker: OnceLock::new(),
@@ -314,6 +331,15 @@ impl Metrics {
     /// `permission_denied`; `needs`: the role its method needs).
     pub fn auth_rejected(&self, code: &str, needs: &str) {
         self.auth_rejected.with_label_values(&[code, needs]).inc();
+    }
+
+    /// Changed certificate files, `loaded` or `refused`.
+    pub fn tls_reload(&self, result: &str) {
+        self.tls_reloads.with_label_values(&[result]).inc();
+    }
+
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
     }
 
     pub fn observe<T>(&self, method: &str, started: Instant, result: &Result<T, tonic::Status>) {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use feedgraph_cluster::manager::ClusterView;
 use feedgraph_cluster::{Error as ClusterError, Placement, Replica as ClusterReplica, Replicas, Role};
 use feedgraph_graph_store::{Shard, WriteOutcome};
-use feedgraph_proto::auth::{AuthChannel as Channel, Bearer};
+use feedgraph_proto::auth::{AuthChannel as Channel, Credentials};
 use feedgraph_proto::pb::internal as ipb;
 use feedgraph_retrieval::shards::BoxFuture;
 use feedgraph_retrieval::{Error, LocalReplica, ReadAfter, Replica, ShardDirectory, ShardWrite};
@@ -88,8 +88,8 @@ pub struct ClusterDirectory {
     rotation: AtomicUsize,
     timeout: Duration,
     semi_sync: Duration,
-    /// What this node's calls to other nodes carry.
-    bearer: Bearer,
+    /// What this node's calls to other nodes present.
+    credentials: Credentials,
 }
 
 impl std::fmt::Debug for ClusterDirectory {
@@ -107,7 +107,7 @@ impl ClusterDirectory {
         placement: Option<&Placement>,
         timeout: Duration,
         semi_sync: Duration,
-        bearer: Bearer,
+        credentials: Credentials,
     ) -> Self {
         let self_id = local.node_id().to_owned();
         let self_address = local.address().to_owned();
@@ -147,7 +147,7 @@ impl ClusterDirectory {
             rotation: AtomicUsize::new(0),
             timeout,
             semi_sync,
-            bearer,
+            credentials,
         }
     }
 
@@ -155,7 +155,7 @@ impl ClusterDirectory {
         if let Some(c) = self.channels.read().unwrap_or_else(|e| e.into_inner()).get(address) {
             return Some(c.clone());
         }
-        let c = feedgraph_cluster::net::channel(address, &self.bearer).ok()?;
+        let c = feedgraph_cluster::net::channel(address, &self.credentials).ok()?;
         self.channels.write().unwrap_or_else(|e| e.into_inner()).insert(address.to_owned(), c.clone());
         Some(c)
     }

@@ -108,15 +108,17 @@ pub struct RemoteScorer {
 impl RemoteScorer {
     /// Connects lazily: an unreachable scorer fails requests (and feeds fall back to
     /// light scores), it does not stop the node from starting.
-    /// Every request carries `bearer` (the node's admin token, when it has tokens).
-    pub fn new(endpoint: &str, bearer: feedgraph_proto::auth::Bearer) -> Result<Self, Error> {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+    /// Every request carries `credentials` (the node's admin token and TLS settings,
+    /// when it has them).
+    pub fn new(endpoint: &str, credentials: &feedgraph_proto::auth::Credentials) -> Result<Self, Error> {
+        let channel = credentials
+            .endpoint(endpoint)?
             .tcp_nodelay(true)
             .initial_stream_window_size(crate::STREAM_WINDOW)
             .initial_connection_window_size(crate::CONNECTION_WINDOW)
             .connect_timeout(Duration::from_millis(500))
             .connect_lazy();
-        let channel = feedgraph_proto::auth::with_bearer(channel, bearer);
+        let channel = credentials.authorize(channel);
         Ok(Self { client: ipb::scorer_service_client::ScorerServiceClient::new(channel) })
     }
 }
@@ -265,16 +267,19 @@ pub async fn start_scorer(config: crate::config::ScorerServerConfig) -> Result<S
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ipb::scorer_service_server::ScorerServiceServer<ScorerApi>>().await;
     let reflection = crate::reflection()?;
-    let incoming = tonic::transport::server::TcpIncoming::bind(config.listen)
-        .map_err(io(format!("binding gRPC on {}", config.listen)))?
-        .with_nodelay(Some(true));
+    let incoming = crate::bind(config.listen)?;
     let grpc_addr = incoming.local_addr().map_err(io("gRPC listener address"))?;
     let metrics_listener = crate::metrics::bind(config.metrics_listen)
         .await
         .map_err(io(format!("binding metrics on {}", config.metrics_listen)))?;
     let metrics_addr = metrics_listener.local_addr().map_err(io("metrics listener address"))?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let keyring = config.auth.keyring()?;
+    let cfg = config.clone();
+    let (keyring, tls) = tokio::task::spawn_blocking(move || {
+        Ok::<_, Error>((cfg.auth.keyring()?, crate::tls::ServerTls::load(&cfg.tls)?))
+    })
+    .await
+    .map_err(|e| Error::Task(e.to_string()))??;
     if !keyring.enabled() {
         tracing::warn!("no tokens configured: scoring is open to whoever reaches {grpc_addr}");
     }
@@ -282,9 +287,14 @@ pub async fn start_scorer(config: crate::config::ScorerServerConfig) -> Result<S
         .add_service(health_service)
         .add_service(reflection)
         .add_service(embedded.service);
-    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
-        let _ = stopped.await;
-    }));
+    let server = crate::spawn_server(router, incoming, tls.as_ref(), metrics.clone(), stopped);
+    let mut stops = vec![stop];
+    let mut tasks = vec![];
+    if let Some(tls) = &tls {
+        let (stop_reload, reload_stopped) = oneshot::channel::<()>();
+        tasks.push(tls.spawn_reloader(metrics.clone(), reload_stopped));
+        stops.push(stop_reload);
+    }
     let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
     let metrics_task = tokio::spawn(crate::metrics::serve(metrics_listener, metrics, async {
         let _ = metrics_stopped.await;
@@ -297,9 +307,9 @@ pub async fn start_scorer(config: crate::config::ScorerServerConfig) -> Result<S
         metrics_addr,
         registry: embedded.registry,
         serving: crate::Serving {
-            stops: vec![stop, stop_metrics, embedded.stop],
+            stops: stops.into_iter().chain([stop_metrics, embedded.stop]).collect(),
             server,
-            tasks: vec![metrics_task, embedded.reloader],
+            tasks: tasks.into_iter().chain([metrics_task, embedded.reloader]).collect(),
         },
     })
 }

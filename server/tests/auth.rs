@@ -18,6 +18,7 @@ const WRITE: &str = "write-token-for-tests-0001";
 const ADMIN: &str = "admin-token-for-tests-0001";
 const UNKNOWN: &str = "nobody-configured-this-token";
 const NOW: i64 = 1_800_000_000_000;
+const SHARDS: u32 = 2;
 
 fn secret(t: &str) -> Secret {
     Secret::new(t).unwrap()
@@ -43,13 +44,19 @@ enum Call {
     UpsertSignals,
     Reflection,
     ListReplicas,
+    TransitionReplica,
+    FenceReplica,
+    CreateCheckpoint,
     GetUpdates,
+    StreamCheckpoint,
     ShardGetPin,
+    ApplyWrites,
     ListModels,
+    ScoreBatch,
 }
 
 impl Call {
-    const ALL: [Call; 11] = [
+    const ALL: [Call; 17] = [
         Call::FollowingFeed,
         Call::HomeFeed,
         Call::GetPin,
@@ -58,9 +65,15 @@ impl Call {
         Call::UpsertSignals,
         Call::Reflection,
         Call::ListReplicas,
+        Call::TransitionReplica,
+        Call::FenceReplica,
+        Call::CreateCheckpoint,
         Call::GetUpdates,
+        Call::StreamCheckpoint,
         Call::ShardGetPin,
+        Call::ApplyWrites,
         Call::ListModels,
+        Call::ScoreBatch,
     ];
 
     fn needs(self) -> Role {
@@ -69,13 +82,24 @@ impl Call {
                 Role::Read
             }
             Call::Write | Call::UpsertSignals => Role::Write,
-            Call::ListReplicas | Call::GetUpdates | Call::ShardGetPin | Call::ListModels => Role::Admin,
+            Call::ListReplicas
+            | Call::TransitionReplica
+            | Call::FenceReplica
+            | Call::CreateCheckpoint
+            | Call::GetUpdates
+            | Call::StreamCheckpoint
+            | Call::ShardGetPin
+            | Call::ApplyWrites
+            | Call::ListModels
+            | Call::ScoreBatch => Role::Admin,
         }
     }
 
-    /// Makes the call; a write adds pin `pin` (owner 1, board 10). The code of the
-    /// answer, `Ok` for success.
-    async fn run(self, ch: AuthChannel, pin: u64) -> Code {
+    /// Makes the call; `Write` adds pin `pin` (owner 1, board 10), `ApplyWrites` pin
+    /// `pin + 1000`, `UpsertSignals` sets pin 1001's quality to `quality`; the admin
+    /// calls that would change a replica name a shard that does not exist. The code of
+    /// the answer, `Ok` for success.
+    async fn run(self, ch: AuthChannel, pin: u64, quality: f32) -> Code {
         let code = |r: Result<(), tonic::Status>| r.err().map_or(Code::Ok, |s| s.code());
         let feed = pb::FeedRequest { user_id: 5, page_size: 10, ..Default::default() };
         let pin_ref = Some(pb::PinRef { pin_id: 1001, owner_id: 1 });
@@ -105,7 +129,7 @@ impl Call {
                 let update = pb::UpsertSignalsRequest {
                     updates: vec![pb::UpdateSignals {
                         pin: pin_ref,
-                        update: Some(pb::SignalsUpdate { quality: Some(0.25), ..Default::default() }),
+                        update: Some(pb::SignalsUpdate { quality: Some(quality), ..Default::default() }),
                     }],
                 };
                 code(
@@ -132,6 +156,60 @@ impl Call {
             Call::ListReplicas => code(
                 ipb::admin_service_client::AdminServiceClient::new(ch)
                     .list_replicas(ipb::ListReplicasRequest {})
+                    .await
+                    .map(drop),
+            ),
+            Call::TransitionReplica => code(
+                ipb::admin_service_client::AdminServiceClient::new(ch)
+                    .transition_replica(ipb::TransitionReplicaRequest {
+                        shard: 999,
+                        target: ipb::ReplicaRole::Offline as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+            ),
+            Call::FenceReplica => code(
+                ipb::admin_service_client::AdminServiceClient::new(ch)
+                    .fence_replica(ipb::FenceReplicaRequest { shard: 999, epoch: 1 })
+                    .await
+                    .map(drop),
+            ),
+            Call::CreateCheckpoint => code(
+                ipb::admin_service_client::AdminServiceClient::new(ch)
+                    .create_checkpoint(ipb::CreateCheckpointRequest {
+                        shard: 999,
+                        directory: format!("b{pin}"),
+                    })
+                    .await
+                    .map(drop),
+            ),
+            Call::StreamCheckpoint => {
+                let r = ipb::replication_service_client::ReplicationServiceClient::new(ch)
+                    .stream_checkpoint(ipb::StreamCheckpointRequest { shard: 999, ..Default::default() })
+                    .await;
+                match r {
+                    Ok(s) => code(s.into_inner().message().await.map(drop)),
+                    Err(s) => s.code(),
+                }
+            }
+            Call::ApplyWrites => {
+                let shard = feedgraph_model::shard_of(feedgraph_model::UserId::new(1).unwrap(), SHARDS);
+                code(
+                    ipb::shard_service_client::ShardServiceClient::new(ch)
+                        .apply_writes(ipb::ApplyWritesRequest {
+                            shard,
+                            epoch: 0,
+                            mutations: write_pin(pin + 1000).mutations,
+                            ack: pb::Ack::Async as i32,
+                        })
+                        .await
+                        .map(drop),
+                )
+            }
+            Call::ScoreBatch => code(
+                ipb::scorer_service_client::ScorerServiceClient::new(ch)
+                    .score_batch(ipb::ScoreBatchRequest { model: "nope".into(), ..Default::default() })
                     .await
                     .map(drop),
             ),
@@ -178,7 +256,7 @@ async fn start_node(dir: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> f
         data_dir: dir.join("data"),
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        shards: 2,
+        shards: SHARDS,
         ..Config::default()
     };
     config.scorer.model_dir = Some(models);
@@ -234,10 +312,13 @@ async fn every_service_checks_the_token_and_its_role() {
         (Some(ADMIN), Some(Role::Admin)),
     ];
     let (mut unauthenticated, mut denied) = (0u64, 0u64);
+    let mut graph = pb::graph_service_client::GraphServiceClient::new(admin.clone());
+    let mut quality = 0.5;
     for (k, (token, role)) in presented.iter().enumerate() {
         let ch = channel(addr, *token);
+        let asked = k as f32 / 100.0;
         for call in Call::ALL {
-            let got = call.run(ch.clone(), 2000 + k as u64).await;
+            let got = call.run(ch.clone(), 2000 + k as u64, asked).await;
             match role {
                 None => {
                     assert_eq!(got, Code::Unauthenticated, "{call:?} with {token:?}");
@@ -253,17 +334,30 @@ async fn every_service_checks_the_token_and_its_role() {
                 ),
             }
         }
+        // A refused signal upsert changed nothing; an allowed one set its value.
+        if role.is_some_and(|r| r >= Role::Write) {
+            quality = asked;
+        }
+        let pin =
+            graph.get_pin(pb::GetPinRequest { pin: Some(pb::PinRef { pin_id: 1001, owner_id: 1 }) }).await;
+        assert_eq!(
+            pin.unwrap().into_inner().pin.unwrap().signals.unwrap().quality,
+            quality,
+            "after token #{k}"
+        );
     }
-    // Only the writes made with a write or admin token landed.
-    let mut graph = pb::graph_service_client::GraphServiceClient::new(admin.clone());
+    // Only the writes made with a role allowed to make them landed.
     for (k, (_, role)) in presented.iter().enumerate() {
-        let pin = Some(pb::PinRef { pin_id: 2000 + k as u64, owner_id: 1 });
-        let found = graph.get_pin(pb::GetPinRequest { pin }).await.unwrap().into_inner().found;
-        assert_eq!(found, role.is_some_and(|r| r >= Role::Write), "pin written with token #{k}");
+        let found = |pin_id| {
+            let mut graph = graph.clone();
+            async move {
+                let pin = Some(pb::PinRef { pin_id, owner_id: 1 });
+                graph.get_pin(pb::GetPinRequest { pin }).await.unwrap().into_inner().found
+            }
+        };
+        assert_eq!(found(2000 + k as u64).await, role.is_some_and(|r| r >= Role::Write), "Write, token #{k}");
+        assert_eq!(found(3000 + k as u64).await, role == &Some(Role::Admin), "ApplyWrites, token #{k}");
     }
-    // Nor were signals changed by the refused upserts (the write and admin ones set 0.25).
-    let pin = graph.get_pin(pb::GetPinRequest { pin: Some(pb::PinRef { pin_id: 1001, owner_id: 1 }) }).await;
-    assert_eq!(pin.unwrap().into_inner().pin.unwrap().signals.unwrap().quality, 0.25);
 
     // Health needs no token.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel(addr, None));
@@ -283,7 +377,9 @@ async fn every_service_checks_the_token_and_its_role() {
         (unauthenticated, denied),
         "{body}"
     );
-    assert_eq!((unauthenticated, denied), (22, 6 + 4));
+    // 17 methods × (no token, an unknown one); a read token on 2 write and 10 admin
+    // methods, a write token on the 10 admin ones.
+    assert_eq!((unauthenticated, denied), (34, 12 + 10));
     assert!(!body.contains(ADMIN) && !body.contains(READ), "a token in the metrics");
     node.shutdown().await.unwrap();
 }
@@ -309,6 +405,7 @@ async fn a_node_sends_its_admin_token_to_a_scorer_with_tokens() {
         async move { c.list_models(ipb::ListModelsRequest {}).await.map_err(|s| s.code()).map(drop) }
     };
     assert_eq!(list(None).await, Err(Code::Unauthenticated));
+    assert_eq!(list(Some(UNKNOWN)).await, Err(Code::Unauthenticated));
     assert_eq!(list(Some(WRITE)).await, Err(Code::PermissionDenied));
     assert_eq!(list(Some(ADMIN)).await, Ok(()));
 

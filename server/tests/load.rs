@@ -39,7 +39,7 @@ async fn an_open_loop_run_accounts_for_every_due_request() {
     let client = scenario::connect(
         &node.grpc_addr().to_string(),
         Duration::from_secs(3),
-        feedgraph_proto::auth::Bearer::none(),
+        feedgraph_proto::auth::Credentials::none(),
     )
     .await
     .unwrap();
@@ -80,7 +80,7 @@ async fn a_viewer_with_a_larger_fanout_scans_more() {
     let client = scenario::connect(
         &node.grpc_addr().to_string(),
         Duration::from_secs(3),
-        feedgraph_proto::auth::Bearer::none(),
+        feedgraph_proto::auth::Credentials::none(),
     )
     .await
     .unwrap();
@@ -105,7 +105,7 @@ async fn an_unreachable_target_is_a_clear_error_before_any_load() {
     let err = scenario::connect(
         &format!("127.0.0.1:{port}"),
         Duration::from_secs(2),
-        feedgraph_proto::auth::Bearer::none(),
+        feedgraph_proto::auth::Credentials::none(),
     )
     .await
     .unwrap_err();

@@ -45,7 +45,7 @@ fn tweak(config: &mut feedgraph_server::Config) {
 }
 
 async fn connect(addr: &str) -> Client {
-    scenario::connect(addr, Duration::from_secs(5), feedgraph_tests::admin_bearer()).await.unwrap()
+    scenario::connect(addr, Duration::from_secs(5), feedgraph_tests::admin_credentials()).await.unwrap()
 }
 
 async fn ingest(addr: &str, batches: Vec<(Vec<feedgraph_proto::pb::v1::Mutation>, u64)>) {

@@ -78,6 +78,11 @@ pub fn admin_bearer() -> Bearer {
     Bearer::new(Some(&Secret::new(ADMIN_TOKEN).unwrap()))
 }
 
+/// [`admin_bearer`], plaintext.
+pub fn admin_credentials() -> feedgraph_proto::auth::Credentials {
+    feedgraph_proto::auth::Credentials::new(admin_bearer(), None)
+}
+
 /// `<root>/admin.tokens` holding [`ADMIN_TOKEN`], readable by this user only.
 fn admin_token_file(root: &Path) -> PathBuf {
     let path = root.join("admin.tokens");
@@ -363,5 +368,58 @@ pub mod muts {
 
     pub fn write(mutations: Vec<pb::Mutation>, ack: pb::Ack) -> pb::WriteRequest {
         pb::WriteRequest { mutations, ack: ack as i32, request_id: String::new() }
+    }
+}
+
+/// Certificates made at run time for TLS tests: a CA, and certificates it signs for
+/// 127.0.0.1 and localhost.
+pub mod pki {
+    use std::path::{Path, PathBuf};
+
+    pub struct Ca {
+        issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    }
+
+    /// A certificate chain and its key, written to `<dir>/<name>.crt` and `.key`.
+    #[derive(Clone, Debug)]
+    pub struct Pair {
+        pub cert: PathBuf,
+        pub key: PathBuf,
+    }
+
+    impl Ca {
+        pub fn new(name: &str) -> Ca {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.distinguished_name.push(rcgen::DnType::CommonName, name);
+            params.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+                rcgen::KeyUsagePurpose::DigitalSignature,
+            ];
+            let issuer =
+                rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+            Ca { issuer }
+        }
+
+        /// Writes the CA's certificate to `<dir>/<name>.pem`.
+        pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
+            let path = dir.join(format!("{name}.pem"));
+            std::fs::write(&path, self.issuer.pem()).unwrap();
+            path
+        }
+
+        /// A certificate for 127.0.0.1 and localhost named `name`, signed by this CA.
+        pub fn issue(&self, dir: &Path, name: &str) -> Pair {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params =
+                rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+            params.distinguished_name.push(rcgen::DnType::CommonName, name);
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            let pair = Pair { cert: dir.join(format!("{name}.crt")), key: dir.join(format!("{name}.key")) };
+            std::fs::write(&pair.cert, cert.pem()).unwrap();
+            std::fs::write(&pair.key, key.serialize_pem()).unwrap();
+            pair
+        }
     }
 }

@@ -341,7 +341,7 @@ impl ManagedCluster {
     /// The cluster as `feedgraph cluster status` reads it.
     pub async fn status(&self) -> ClusterStatus {
         let mut client = manager::connect(std::slice::from_ref(&self.etcd.endpoint)).await.unwrap();
-        ClusterStatus::read(&mut client, &self.keys(), &crate::admin_bearer()).await.unwrap()
+        ClusterStatus::read(&mut client, &self.keys(), &crate::admin_credentials()).await.unwrap()
     }
 
     /// Waits until every shard has its leader and followers in their assigned roles,

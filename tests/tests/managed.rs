@@ -21,7 +21,7 @@ fn driver() -> tokio::runtime::Runtime {
 async fn graph(
     addr: &str,
 ) -> pb::graph_service_client::GraphServiceClient<feedgraph_proto::auth::AuthChannel> {
-    let channel = feedgraph_cluster::net::channel(addr, &feedgraph_tests::admin_bearer()).unwrap();
+    let channel = feedgraph_cluster::net::channel(addr, &feedgraph_tests::admin_credentials()).unwrap();
     pb::graph_service_client::GraphServiceClient::new(channel)
 }
 
@@ -326,7 +326,8 @@ fn nodes_join_and_drain_while_feeds_are_read() {
         rt.spawn(async move {
             let mut clients = Vec::new();
             for a in &addrs {
-                let channel = feedgraph_cluster::net::channel(a, &feedgraph_tests::admin_bearer()).unwrap();
+                let channel =
+                    feedgraph_cluster::net::channel(a, &feedgraph_tests::admin_credentials()).unwrap();
                 clients.push(pb::feed_service_client::FeedServiceClient::new(channel));
             }
             let mut i = 0;

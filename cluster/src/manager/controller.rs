@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
-use feedgraph_proto::auth::{AuthChannel as Channel, Bearer};
+use feedgraph_proto::auth::{AuthChannel as Channel, Credentials};
 use feedgraph_proto::pb::internal as ipb;
 
 use super::view::{Assignment, ClusterSpec, ClusterView, Keys};
@@ -44,9 +44,9 @@ pub struct ControllerConfig {
     /// New shards wait this long for `R` nodes to join before they are placed on
     /// fewer (a cluster's nodes start one after the other).
     pub initial_wait: Duration,
-    /// What the controller's calls to nodes carry (the node's admin token, when the
-    /// cluster has tokens).
-    pub bearer: Bearer,
+    /// What the controller's calls to nodes carry (the node's admin token and TLS
+    /// settings, when the cluster has them).
+    pub credentials: Credentials,
 }
 
 impl Default for ControllerConfig {
@@ -57,7 +57,7 @@ impl Default for ControllerConfig {
             interval: Duration::from_millis(500),
             handover_wait: Duration::from_secs(3),
             initial_wait: Duration::from_secs(10),
-            bearer: Bearer::none(),
+            credentials: Credentials::none(),
         }
     }
 }
@@ -180,7 +180,7 @@ impl Controller {
         if let Some(c) = self.channels.get(address) {
             return Some(c.clone());
         }
-        let c = crate::net::channel(address, &self.cfg.bearer).ok()?;
+        let c = crate::net::channel(address, &self.cfg.credentials).ok()?;
         self.channels.insert(address.to_owned(), c.clone());
         Some(c)
     }

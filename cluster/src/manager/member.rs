@@ -302,11 +302,12 @@ pub struct ClusterStatus {
 
 impl ClusterStatus {
     /// Reads it (bounded: each node has a second to answer).
-    /// Nodes are asked with `bearer` (an admin token, when the cluster has tokens).
+    /// Nodes are asked with `credentials` (an admin token, and TLS settings, when the
+    /// cluster has them).
     pub async fn read(
         client: &mut Client,
         keys: &Keys,
-        bearer: &feedgraph_proto::auth::Bearer,
+        credentials: &feedgraph_proto::auth::Credentials,
     ) -> Result<ClusterStatus> {
         let view = ClusterView::read(client, keys).await?;
         let controller = match client.leader(keys.election()).await {
@@ -314,7 +315,7 @@ impl ClusterStatus {
             Err(_) => None,
         };
         let reports = super::controller::ask_live_nodes(&view, |address| {
-            crate::net::channel(address, bearer).map_err(|e| e.to_string())
+            crate::net::channel(address, credentials).map_err(|e| e.to_string())
         })
         .await;
         Ok(ClusterStatus { view, controller, reports })

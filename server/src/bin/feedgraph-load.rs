@@ -92,6 +92,14 @@ struct TargetArgs {
     /// and mixed loads). Prefer the environment variable: a flag shows in `ps`.
     #[arg(long, env = "FEEDGRAPH_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// TLS: the CA (PEM) that signs the service's certificate.
+    #[arg(long, env = "FEEDGRAPH_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Mutual TLS: this client's certificate chain and key (PEM).
+    #[arg(long, env = "FEEDGRAPH_TLS_CERT", requires = "tls_key", requires = "tls_ca")]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "FEEDGRAPH_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 fn positive(s: &str) -> Result<f64, String> {
@@ -241,7 +249,15 @@ impl Target {
         if !args.embedded {
             let bearer = feedgraph_proto::auth::Bearer::from_user(args.token.as_deref())
                 .context("--token / FEEDGRAPH_TOKEN")?;
-            let client = scenario::connect(&args.addr, Duration::from_secs(3), bearer).await?;
+            let tls = match &args.tls_ca {
+                Some(ca) => Some(feedgraph_proto::auth::client_tls(
+                    ca,
+                    args.tls_cert.as_deref().zip(args.tls_key.as_deref()),
+                )?),
+                None => None,
+            };
+            let credentials = feedgraph_proto::auth::Credentials::new(bearer, tls);
+            let client = scenario::connect(&args.addr, Duration::from_secs(3), credentials).await?;
             return Ok(Target { client, metrics_addr: args.metrics_addr.clone(), node: None });
         }
         let dir = tempfile::tempdir().context("temporary data directory")?;
@@ -275,7 +291,7 @@ impl Target {
         let client = scenario::connect(
             &node.grpc_addr().to_string(),
             Duration::from_secs(3),
-            feedgraph_proto::auth::Bearer::none(),
+            feedgraph_proto::auth::Credentials::none(),
         )
         .await?;
         eprintln!("embedded service on {}", node.grpc_addr());
