@@ -85,14 +85,15 @@ export FEEDGRAPH_TOKEN="$FEEDGRAPH_ADMIN_TOKENS"
 # serves and presents to the others; the clients here present it too.
 (
   umask 077
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-    -subj "/CN=feedgraph local CA" -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=feedgraph node" \
-    -keyout "$dir/node.key" -out "$dir/node.csr" 2>/dev/null
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -noenc -days 2 \
+    -subj "/CN=feedgraph local CA" -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" -keyout "$dir/ca.key" -out "$dir/ca.crt"
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -noenc -subj "/CN=feedgraph node" \
+    -keyout "$dir/node.key" -out "$dir/node.csr"
   printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$dir/node.ext"
   openssl x509 -req -in "$dir/node.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
-    -days 2 -extfile "$dir/node.ext" -out "$dir/node.crt" 2>/dev/null
-)
+    -days 2 -extfile "$dir/node.ext" -out "$dir/node.crt"
+) >"$dir/openssl.log" 2>&1 || { echo "making the local CA failed:" >&2; cat "$dir/openssl.log" >&2; exit 1; }
 cat >"$dir/tls.toml" <<EOT
 [tls]
 cert_file = "$dir/node.crt"

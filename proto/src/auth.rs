@@ -201,10 +201,29 @@ pub type AuthChannel = InterceptedService<Channel, Bearer>;
 
 /// What a client of this workspace presents to a server: a bearer token and, for a
 /// server with TLS, the roots it trusts (and its own certificate, for mutual TLS).
-#[derive(Clone, Debug, Default)]
+/// `Debug` shows neither the token nor the private key.
+#[derive(Clone, Default)]
 pub struct Credentials {
     pub bearer: Bearer,
     pub tls: Option<ClientTlsConfig>,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("bearer", &self.bearer)
+            .field("tls", &if self.tls.is_some() { "<configured>" } else { "none" })
+            .finish()
+    }
+}
+
+/// Why no endpoint could be made for an address.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("`{0}` is an http:// address, but this client uses TLS: tokens must not travel in clear text")]
+    PlaintextWithTls(String),
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
 }
 
 impl Credentials {
@@ -229,13 +248,19 @@ impl Credentials {
     }
 
     /// The endpoint of `addr`, with TLS when configured (the server's name is the
-    /// address's host: its certificate must name that host or IP address).
-    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-        let endpoint = Endpoint::from_shared(self.url(addr))?;
-        match &self.tls {
-            Some(tls) => endpoint.tls_config(tls.clone()),
-            None => Ok(endpoint),
+    /// address's host: its certificate must name that host or IP address). An
+    /// explicit `http://` address with TLS configured is refused: tonic would dial it
+    /// in plaintext, token and all.
+    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, EndpointError> {
+        let url = self.url(addr);
+        if self.tls.is_some() && url.starts_with("http://") {
+            return Err(EndpointError::PlaintextWithTls(addr.to_owned()));
         }
+        let endpoint = Endpoint::from_shared(url)?;
+        Ok(match &self.tls {
+            Some(tls) => endpoint.tls_config(tls.clone())?,
+            None => endpoint,
+        })
     }
 
     /// `channel` with this bearer on every request.
@@ -245,12 +270,21 @@ impl Credentials {
 }
 
 /// A client TLS configuration from PEM files: the CA that signs the servers'
-/// certificates and, for mutual TLS, this client's certificate chain and key.
+/// certificates and, for mutual TLS, this client's certificate chain and key. A CA
+/// file without a certificate is an error (tonic would skip what it cannot parse, and
+/// every handshake would fail later).
 pub fn client_tls(ca: &Path, identity: Option<(&Path, &Path)>) -> std::io::Result<ClientTlsConfig> {
     let read = |p: &Path| {
         std::fs::read(p).map_err(|e| std::io::Error::new(e.kind(), format!("reading {}: {e}", p.display())))
     };
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    let ca_pem = read(ca)?;
+    if !String::from_utf8_lossy(&ca_pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} holds no PEM certificate", ca.display()),
+        ));
+    }
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
     if let Some((cert, key)) = identity {
         tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
     }

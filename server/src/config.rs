@@ -578,6 +578,12 @@ impl Config {
                 "this node calls other nodes (or a scorer) over TLS: set the CA that signs their certificates",
             ));
         }
+        if self.tls.enabled() && self.scorer.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
+            return Err(invalid(
+                "scorer.endpoint",
+                "TLS is on: use https:// (an http:// scorer would be sent this node's admin token in clear)",
+            ));
+        }
         if self.scorer.endpoint.as_deref().is_some_and(|e| e.starts_with("https://")) && !self.tls.enabled() {
             return Err(invalid(
                 "scorer.endpoint",
@@ -785,6 +791,34 @@ mod tests {
         c.validate().unwrap();
         let printed = format!("{}\n{c:?}", toml::to_string(&c).unwrap());
         assert!(!printed.contains("not-to-print"), "{printed}");
+    }
+
+    #[test]
+    fn tls_settings_that_cannot_work_are_refused() {
+        let field = |c: &Config| match c.validate() {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let mut c = Config::default();
+        c.tls.cert_file = Some("node.crt".into());
+        assert_eq!(field(&c), "tls.key_file");
+        c.tls.key_file = Some("node.key".into());
+        c.validate().unwrap();
+        c.tls.client_auth = true;
+        assert_eq!(field(&c), "tls.client_auth");
+        c.tls.client_auth = false;
+        // A cluster over TLS needs the CA that signs the other nodes' certificates.
+        c.cluster.etcd = Some("etcd://127.0.0.1:2379".into());
+        c.auth.insecure = true;
+        assert_eq!(field(&c), "tls.ca_file");
+        c.tls.ca_file = Some("ca.crt".into());
+        c.validate().unwrap();
+        c.scorer.endpoint = Some("http://127.0.0.1:7879".into());
+        assert_eq!(field(&c), "scorer.endpoint");
+        c.scorer.endpoint = Some("https://127.0.0.1:7879".into());
+        c.validate().unwrap();
+        c.tls = TlsConfig::default();
+        assert_eq!(field(&c), "scorer.endpoint");
     }
 
     #[test]

@@ -112,7 +112,8 @@ impl RemoteScorer {
     /// when it has them).
     pub fn new(endpoint: &str, credentials: &feedgraph_proto::auth::Credentials) -> Result<Self, Error> {
         let channel = credentials
-            .endpoint(endpoint)?
+            .endpoint(endpoint)
+            .map_err(|e| Error::Scorer(format!("scorer endpoint: {e}")))?
             .tcp_nodelay(true)
             .initial_stream_window_size(crate::STREAM_WINDOW)
             .initial_connection_window_size(crate::CONNECTION_WINDOW)

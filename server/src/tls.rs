@@ -3,8 +3,9 @@
 //! `client_auth`, every client (other nodes included) must present a certificate signed
 //! by the configured CA (mutual TLS).
 //!
-//! Invariants: handshakes run in their own tasks, bounded in number and in time, so a
-//! slow or hostile client never holds up the accept loop or other clients; a new
+//! Invariants: handshakes run in their own tasks, bounded in time (3 s), in number
+//! (1,024) and per client address (64, past which its new connections are closed at
+//! once), so one slow or hostile host cannot hold up the accept loop for others; a new
 //! certificate that does not load (unreadable, mismatched key, not PEM) is logged and
 //! counted, and the one in service stays; ALPN offers only `h2` (gRPC).
 
@@ -25,10 +26,14 @@ use tokio_rustls::server::TlsStream;
 use crate::config::{ConfigError, TlsConfig};
 use crate::metrics::Metrics;
 
-/// A handshake not done within this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A handshake not done within this is dropped (a peer on loopback or a LAN needs
+/// milliseconds).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Handshakes in progress at once; past it the accept loop waits.
-const MAX_HANDSHAKES: usize = 256;
+const MAX_HANDSHAKES: usize = 1024;
+/// Handshakes in progress from one IP address; past it its new connections are
+/// closed at once, so one host cannot take every slot.
+const MAX_HANDSHAKES_PER_IP: u32 = 64;
 
 /// ring, which tonic's client side also uses. rustls deprecates it for lacking
 /// post-quantum key exchange; aws-lc-rs has it but needs cmake and a long C build.
@@ -214,9 +219,15 @@ impl ServerTls {
         let (tx, rx) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(self.config.clone());
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>> = Arc::default();
         tokio::spawn(async move {
             loop {
-                let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
+                // The server stopping (the stream dropped) ends the loop whatever it
+                // waits for, and the listener closes with it.
+                let permit = tokio::select! {
+                    _ = tx.closed() => return,
+                    p = handshakes.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                };
                 let (tcp, peer) = tokio::select! {
                     _ = tx.closed() => return,
                     accepted = listener.accept() => match accepted {
@@ -229,10 +240,25 @@ impl ServerTls {
                         }
                     },
                 };
+                let ip = peer.ip();
+                let admitted = {
+                    let mut counts = per_ip.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = counts.entry(ip).or_insert(0);
+                    *n += 1;
+                    *n <= MAX_HANDSHAKES_PER_IP
+                };
+                let release = PerIp { counts: per_ip.clone(), ip };
+                if !admitted {
+                    metrics.tls_handshake_failed();
+                    tracing::debug!(%peer, "too many TLS handshakes from this address; connection closed");
+                    continue;
+                }
                 let _ = tcp.set_nodelay(true);
                 let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                    drop(release);
+                    match handshake {
                         Ok(Ok(stream)) => {
                             drop(permit);
                             let _ = tx.send(Ok(stream)).await;
@@ -250,6 +276,24 @@ impl ServerTls {
             }
         });
         tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}
+
+/// Counts one handshake in progress from `ip` until dropped.
+struct PerIp {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for PerIp {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -299,8 +343,15 @@ mod tests {
         assert!(matches!(tls.reload_if_changed(), Reload::Refused(_)));
         // Bad files at start are configuration errors naming the field.
         let e = ServerTls::load(&config).unwrap_err().to_string();
-        assert!(e.contains("tls.cert_file") && e.contains("key"), "{e}");
+        assert!(e.starts_with("`tls.cert_file`") && e.contains("key:"), "{e}");
+        std::fs::write(&key, &k2).unwrap();
         let e = ServerTls::load(&TlsConfig { client_auth: true, ..config.clone() }).unwrap_err().to_string();
-        assert!(e.contains("tls.client_auth") || e.contains("tls.cert_file"), "{e}");
+        assert!(e.starts_with("`tls.client_auth`"), "{e}");
+        let not_a_ca = dir.path().join("empty.pem");
+        std::fs::write(&not_a_ca, "").unwrap();
+        let mutual = TlsConfig { client_auth: true, ca_file: Some(not_a_ca), ..config.clone() };
+        let e = ServerTls::load(&mutual).unwrap_err().to_string();
+        assert!(e.starts_with("`tls.ca_file`") && e.contains("no certificate"), "{e}");
+        assert!(ServerTls::load(&config).unwrap().is_some());
     }
 }

@@ -221,7 +221,8 @@ impl Cluster {
         self.addresses[id].clone()
     }
 
-    /// A connected channel to node `id` whose requests carry [`ADMIN_TOKEN`].
+    /// A connected channel to node `id` whose requests carry [`ADMIN_TOKEN`], in
+    /// plaintext (a test of a cluster with TLS builds its own, see `tests/tls.rs`).
     pub async fn channel(&self, id: &str) -> Channel {
         let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.addr(id)))
             .unwrap()
