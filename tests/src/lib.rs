@@ -84,7 +84,7 @@ pub fn admin_credentials() -> feedgraph_proto::auth::Credentials {
 }
 
 /// `<root>/admin.tokens` holding [`ADMIN_TOKEN`], readable by this user only.
-fn admin_token_file(root: &Path) -> PathBuf {
+pub fn admin_token_file(root: &Path) -> PathBuf {
     let path = root.join("admin.tokens");
     std::fs::write(&path, format!("{ADMIN_TOKEN}\n")).unwrap();
     #[cfg(unix)]

@@ -12,7 +12,7 @@ use feedgraph_proto::pb::{internal as ipb, v1 as pb};
 use feedgraph_server::config::TlsConfig;
 use feedgraph_tests::muts::{board, follow_user, pin, user, write};
 use feedgraph_tests::pki::{Ca, Pair};
-use feedgraph_tests::{Cluster, Group, admin_bearer, node_config};
+use feedgraph_tests::{Cluster, Group, admin_bearer, admin_token_file, node_config};
 
 const NOW: i64 = 1_800_000_000_000;
 
@@ -160,4 +160,60 @@ async fn a_cluster_replicates_and_routes_writes_over_mutual_tls() {
     assert_eq!(from_a.len(), 10, "{from_a:?}");
     assert_eq!(feed("b").await, from_a);
     cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_scores_with_a_standalone_scorer_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("ca");
+    let ca_pem = ca.write(dir.path(), "ca");
+    let (scorer_pair, node_pair, client) =
+        (ca.issue(dir.path(), "scorer"), ca.issue(dir.path(), "node"), ca.issue(dir.path(), "client"));
+    let tls = |pair: &Pair| TlsConfig {
+        cert_file: Some(pair.cert.clone()),
+        key_file: Some(pair.key.clone()),
+        ca_file: Some(ca_pem.clone()),
+        client_auth: true,
+        ..TlsConfig::default()
+    };
+    let models = dir.path().join("models");
+    feedgraph_server::demo::ensure_models(&models).unwrap();
+    let scorer = feedgraph_server::scorer::start_scorer(feedgraph_server::ScorerServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        model_dir: models,
+        log: "warn".into(),
+        auth: feedgraph_server::config::AuthConfig {
+            admin_tokens_file: Some(admin_token_file(dir.path())),
+            ..Default::default()
+        },
+        tls: tls(&scorer_pair),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut config = node_config(dir.path(), "n", "127.0.0.1:0", 2);
+    config.tls = tls(&node_pair);
+    config.scorer.endpoint = Some(format!("https://{}", scorer.grpc_addr()));
+    config.scorer.model = "engagement_mlp".into();
+    config.scorer.deadline_ms = 2_000;
+    let node = feedgraph_server::start(config).await.unwrap();
+    let addr = node.grpc_addr().to_string();
+    let mut muts = vec![user(1), user(2), board(10, 1)];
+    muts.extend((0..20).map(|k| pin(100 + k, 1, 10, NOW - k as i64 * 60_000, vec![], 0.5)));
+    muts.push(follow_user(2, 1));
+    pb::graph_service_client::GraphServiceClient::new(channel(&addr, Some(&ca_pem), Some(&client)))
+        .write(write(muts, pb::Ack::Async))
+        .await
+        .unwrap();
+    let r = pb::feed_service_client::FeedServiceClient::new(channel(&addr, Some(&ca_pem), Some(&client)))
+        .get_following_feed(pb::FeedRequest { user_id: 2, page_size: 10, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let stats = r.stats.unwrap_or_default();
+    assert_eq!(pb::Scoring::try_from(stats.scoring).unwrap(), pb::Scoring::Model, "{stats:?}");
+    assert_eq!(r.items.len(), 10);
+    node.shutdown().await.unwrap();
+    scorer.shutdown().await.unwrap();
 }
