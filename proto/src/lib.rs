@@ -3,8 +3,9 @@
 //! Owns: the `.proto` files under `proto/` (public: `feedgraph.v1` graph writes and
 //! feeds; internal: `feedgraph.internal.v1` shard queries, replication, admin, scorer),
 //! the tonic/prost code generated from them at build time by `protox` (no system
-//! `protoc`), the encoded descriptor set for gRPC reflection, and the conversions
-//! between prost messages and `feedgraph-model` types.
+//! `protoc`), the encoded descriptor set for gRPC reflection, the conversions
+//! between prost messages and `feedgraph-model` types, and the role each RPC needs
+//! with the credentials clients present ([`auth`]).
 //!
 //! Invariants: prost types stop here. Every conversion from the wire is a `TryFrom` that
 //! either yields a fully valid domain value or a [`FieldError`] naming the offending

@@ -10,7 +10,9 @@
 //! remote shard client ([`remote`]) and the node's shard directory ([`routing`]), the
 //! internal wire conversions ([`wire`]), gRPC health and reflection, Prometheus metrics
 //! ([`metrics`]), the scorer service, its client and the model reload loop
-//! ([`scorer`]), and the demo graph and models ([`demo`]). `main.rs` only parses the
+//! ([`scorer`]), authentication by role in front of every gRPC route ([`auth`]), TLS
+//! on the gRPC port with certificate reload ([`tls`]), and the demo graph and models
+//! ([`demo`]). `main.rs` only parses the
 //! command line and calls into this crate, so tests start real nodes in-process
 //! through the same [`start`].
 //!
