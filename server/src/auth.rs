@@ -71,7 +71,7 @@ fn same_digest(a: &Digest, b: &Digest) -> bool {
 }
 
 /// The tokens a process accepts, and the one it sends to other nodes.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq)]
 pub struct Keyring {
     /// (digest of a token, its role).
     digests: Vec<(Digest, Role)>,
@@ -250,16 +250,102 @@ fn warn_if_others_can_read(path: &Path) {
 #[cfg(not(unix))]
 fn warn_if_others_can_read(_: &Path) {}
 
+/// The accepted tokens of a running process: the token files are read again every
+/// `reload_interval_ms`, so tokens are added and revoked without restart. A reload
+/// that fails (a file gone, emptied or holding a bad token) keeps the tokens in force:
+/// a mistake never opens the service. The token a node sends stays the one it
+/// started with.
+#[derive(Debug)]
+pub struct Tokens {
+    current: std::sync::RwLock<Arc<Keyring>>,
+    config: AuthConfig,
+}
+
+/// What a reload of the token files found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenReload {
+    Unchanged,
+    Loaded { tokens: usize },
+    Refused(String),
+}
+
+impl Tokens {
+    pub fn new(keyring: Keyring, config: AuthConfig) -> Arc<Self> {
+        Arc::new(Self { current: std::sync::RwLock::new(Arc::new(keyring)), config })
+    }
+
+    /// The tokens in force.
+    pub fn current(&self) -> Arc<Keyring> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether there are token files to reload.
+    pub fn reloadable(&self) -> bool {
+        let c = &self.config;
+        c.read_tokens_file.is_some() || c.write_tokens_file.is_some() || c.admin_tokens_file.is_some()
+    }
+
+    /// Reads the token files again and swaps the tokens in if they changed. Blocking.
+    pub fn reload(&self) -> TokenReload {
+        let fresh = match Keyring::load(&self.config) {
+            Ok(k) => k,
+            Err(e) => return TokenReload::Refused(e.to_string()),
+        };
+        if *self.current() == fresh {
+            return TokenReload::Unchanged;
+        }
+        let tokens = fresh.digests.len();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+        TokenReload::Loaded { tokens }
+    }
+
+    /// Reloads every `interval` until `stop`.
+    pub fn spawn_reloader(
+        self: &Arc<Self>,
+        interval: std::time::Duration,
+        metrics: Arc<Metrics>,
+        mut stop: tokio::sync::oneshot::Receiver<()>,
+    ) -> tokio::task::JoinHandle<()> {
+        let tokens = self.clone();
+        tokio::spawn(async move {
+            let mut last_refusal = String::new();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = &mut stop => return,
+                }
+                let t = tokens.clone();
+                let Ok(outcome) = tokio::task::spawn_blocking(move || t.reload()).await else { continue };
+                match outcome {
+                    TokenReload::Unchanged => {}
+                    TokenReload::Loaded { tokens } => {
+                        last_refusal.clear();
+                        metrics.token_reload("loaded");
+                        tracing::info!(tokens, "token files reloaded");
+                    }
+                    TokenReload::Refused(reason) => {
+                        if reason != last_refusal {
+                            metrics.token_reload("refused");
+                            tracing::error!(%reason, "the token files do not load; the tokens in force stay");
+                            last_refusal = reason;
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
 /// The layer every gRPC server of this crate is built with.
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
-    keyring: Arc<Keyring>,
+    tokens: Arc<Tokens>,
     metrics: Arc<Metrics>,
 }
 
 impl AuthLayer {
-    pub fn new(keyring: Arc<Keyring>, metrics: Arc<Metrics>) -> Self {
-        Self { keyring, metrics }
+    pub fn new(tokens: Arc<Tokens>, metrics: Arc<Metrics>) -> Self {
+        Self { tokens, metrics }
     }
 }
 
@@ -267,7 +353,7 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
     type Service = Authenticated<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Authenticated { inner, keyring: self.keyring.clone(), metrics: self.metrics.clone() }
+        Authenticated { inner, tokens: self.tokens.clone(), metrics: self.metrics.clone() }
     }
 }
 
@@ -275,7 +361,7 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
 #[derive(Clone, Debug)]
 pub struct Authenticated<S> {
     inner: S,
-    keyring: Arc<Keyring>,
+    tokens: Arc<Tokens>,
     metrics: Arc<Metrics>,
 }
 
@@ -293,7 +379,11 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let path = request.uri().path();
-        match self.keyring.check(path, request.headers().get(http::header::AUTHORIZATION)) {
+        let checked = {
+            let keyring = self.tokens.current.read().unwrap_or_else(|e| e.into_inner());
+            keyring.check(path, request.headers().get(http::header::AUTHORIZATION))
+        };
+        match checked {
             Ok(()) => Either::Right(self.inner.call(request)),
             Err(refusal) => {
                 let (code, needs) = refusal.labels();

@@ -110,7 +110,7 @@ impl TlsConfig {
 /// comma-separated), never from this file, so a configuration can be printed and
 /// committed. No tokens at all: every method is open (the demo); a cluster then
 /// refuses to start unless `insecure`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// `read` tokens (feeds, pins, follows, reflection), one per line; several allow
@@ -125,9 +125,25 @@ pub struct AuthConfig {
     /// Serve a placement or etcd cluster without tokens. Every method, writes and
     /// replica transitions included, is then open to whoever reaches the port.
     pub insecure: bool,
+    /// How often the token files are read again, in ms: tokens are added and revoked
+    /// without restart (files that do not load keep the tokens in force).
+    pub reload_interval_ms: u64,
     /// Tokens from the environment (set by `feedgraph serve`; never serialized).
     #[serde(skip)]
     pub env_tokens: crate::auth::RoleTokens,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            read_tokens_file: None,
+            write_tokens_file: None,
+            admin_tokens_file: None,
+            insecure: false,
+            reload_interval_ms: 10_000,
+            env_tokens: crate::auth::RoleTokens::default(),
+        }
+    }
 }
 
 impl AuthConfig {
@@ -254,6 +270,9 @@ impl ScorerServerConfig {
             return Err(invalid("reload_interval_ms", "must be at least 1"));
         }
         self.auth.keyring()?;
+        if self.auth.reload_interval_ms == 0 {
+            return Err(invalid("auth.reload_interval_ms", "must be at least 1"));
+        }
         if self.auth.insecure {
             return Err(invalid(
                 "auth.insecure",
@@ -556,6 +575,9 @@ impl Config {
             }
         }
         let keyring = self.auth.keyring()?;
+        if self.auth.reload_interval_ms == 0 {
+            return Err(invalid("auth.reload_interval_ms", "must be at least 1"));
+        }
         if keyring.enabled() && self.auth.insecure {
             return Err(invalid("auth.insecure", "tokens are configured; drop one or the other"));
         }

@@ -485,7 +485,8 @@ async fn serve(
             "no tokens configured: every RPC, writes and admin included, is open to whoever reaches {grpc_addr}"
         );
     }
-    let router = crate::server_builder(auth::AuthLayer::new(Arc::new(keyring), metrics.clone()))
+    let tokens = auth::Tokens::new(keyring, config.auth.clone());
+    let router = crate::server_builder(auth::AuthLayer::new(tokens.clone(), metrics.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(pb::v1::graph_service_server::GraphServiceServer::new(graph))
@@ -495,6 +496,12 @@ async fn serve(
         .add_service(AdminServiceServer::new(AdminApi { replicas: replicas.clone() }))
         .add_optional_service(scorer_service);
     let server = spawn_server(router, incoming, tls.as_ref(), metrics.clone(), stopped);
+    if tokens.reloadable() {
+        let (stop_reload, reload_stopped) = oneshot::channel::<()>();
+        let every = std::time::Duration::from_millis(config.auth.reload_interval_ms);
+        tasks.push(tokens.spawn_reloader(every, metrics.clone(), reload_stopped));
+        stops.push(stop_reload);
+    }
     if let Some(tls) = &tls {
         let (stop_reload, reload_stopped) = oneshot::channel::<()>();
         tasks.push(tls.spawn_reloader(metrics.clone(), reload_stopped));

@@ -29,6 +29,7 @@ pub struct Metrics {
     auth_rejected: IntCounterVec,
     tls_reloads: IntCounterVec,
     tls_handshake_failures: IntCounter,
+    token_reloads: IntCounterVec,
     replicas: OnceLock<Arc<Replicas>>,
     replica: ReplicaMetrics,
     broker: OnceLock<Arc<Broker>>,
@@ -289,6 +290,14 @@ impl Metrics {
             "TLS handshakes that failed or timed out (a plaintext client, an untrusted certificate, a missing client certificate)",
         )?;
         registry.register(Box::new(tls_handshake_failures.clone()))?;
+        let token_reloads = IntCounterVec::new(
+            Opts::new(
+                "auth_token_reloads_total",
+                "Changed token files: loaded (now in force) or refused (the tokens in force stay)",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(token_reloads.clone()))?;
         registry.register(Box::new(feed_scoring.clone()))?;
         registry.register(Box::new(model_loads.clone()))?;
         registry.register(Box::new(model_version.clone()))?;
@@ -310,6 +319,7 @@ impl Metrics {
             auth_rejected,
             tls_reloads,
             tls_handshake_failures,
+            token_reloads,
             replicas: OnceLock::new(),
             replica,
             broker: OnceLock::new(),
@@ -336,6 +346,11 @@ impl Metrics {
     /// Changed certificate files, `loaded` or `refused`.
     pub fn tls_reload(&self, result: &str) {
         self.tls_reloads.with_label_values(&[result]).inc();
+    }
+
+    /// Changed token files, `loaded` or `refused`.
+    pub fn token_reload(&self, result: &str) {
+        self.token_reloads.with_label_values(&[result]).inc();
     }
 
     pub fn tls_handshake_failed(&self) {

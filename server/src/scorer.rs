@@ -284,13 +284,20 @@ pub async fn start_scorer(config: crate::config::ScorerServerConfig) -> Result<S
     if !keyring.enabled() {
         tracing::warn!("no tokens configured: scoring is open to whoever reaches {grpc_addr}");
     }
-    let router = crate::server_builder(crate::auth::AuthLayer::new(Arc::new(keyring), metrics.clone()))
+    let tokens = crate::auth::Tokens::new(keyring, config.auth.clone());
+    let router = crate::server_builder(crate::auth::AuthLayer::new(tokens.clone(), metrics.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(embedded.service);
     let server = crate::spawn_server(router, incoming, tls.as_ref(), metrics.clone(), stopped);
     let mut stops = vec![stop];
     let mut tasks = vec![];
+    if tokens.reloadable() {
+        let (stop_reload, reload_stopped) = oneshot::channel::<()>();
+        let every = Duration::from_millis(config.auth.reload_interval_ms);
+        tasks.push(tokens.spawn_reloader(every, metrics.clone(), reload_stopped));
+        stops.push(stop_reload);
+    }
     if let Some(tls) = &tls {
         let (stop_reload, reload_stopped) = oneshot::channel::<()>();
         tasks.push(tls.spawn_reloader(metrics.clone(), reload_stopped));

@@ -466,3 +466,60 @@ async fn a_node_sends_its_admin_token_to_a_scorer_with_tokens() {
     );
     scorer.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_added_and_revoked_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (read_file, admin_file) = (dir.path().join("read.tokens"), dir.path().join("admin.tokens"));
+    std::fs::write(&read_file, format!("{READ}\n")).unwrap();
+    std::fs::write(&admin_file, format!("{ADMIN}\n")).unwrap();
+    let node = start_node(dir.path(), |c| {
+        c.auth.env_tokens = RoleTokens::default();
+        c.auth.read_tokens_file = Some(read_file.clone());
+        c.auth.admin_tokens_file = Some(admin_file.clone());
+        c.auth.reload_interval_ms = 50;
+    })
+    .await;
+    let addr = node.grpc_addr();
+    let feed = |token: &'static str| {
+        let mut client = pb::feed_service_client::FeedServiceClient::new(channel(addr, Some(token)));
+        async move {
+            let r = pb::FeedRequest { user_id: 5, page_size: 5, ..Default::default() };
+            client.get_following_feed(r).await.map(drop).map_err(|s| s.code())
+        }
+    };
+    // Waits (bounded) until `token` gets `expected`.
+    let until = |token: &'static str, expected: Result<(), Code>| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = feed(token).await;
+            if got == expected {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{token}: {got:?}, expected {expected:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    const ROTATED: &str = "read-token-rotated-0002";
+    assert_eq!(feed(ROTATED).await, Err(Code::Unauthenticated));
+    // A rotation: the new token is added, then the old one removed.
+    std::fs::write(&read_file, format!("{READ}\n{ROTATED}\n")).unwrap();
+    until(ROTATED, Ok(())).await;
+    assert_eq!(feed(READ).await, Ok(()));
+    std::fs::write(&read_file, format!("{ROTATED}\n")).unwrap();
+    until(READ, Err(Code::Unauthenticated)).await;
+    // An emptied file does not load: the tokens in force stay, and it is counted.
+    std::fs::write(&read_file, "").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = http_get(node.metrics_addr(), "/metrics").await;
+        if metric(&body, r#"feedgraph_auth_token_reloads_total{result="refused"}"#) >= 1 {
+            assert!(metric(&body, r#"feedgraph_auth_token_reloads_total{result="loaded"}"#) >= 2, "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(feed(ROTATED).await, Ok(()));
+    node.shutdown().await.unwrap();
+}
