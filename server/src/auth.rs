@@ -20,6 +20,7 @@ use tonic::body::Body;
 
 use crate::config::{AuthConfig, ConfigError};
 use crate::metrics::Metrics;
+use crate::reload::Reload;
 
 /// Tokens given to a process other than through files (the environment), by role.
 /// `Debug` shows `Secret(<redacted>)` for each.
@@ -261,14 +262,6 @@ pub struct Tokens {
     config: AuthConfig,
 }
 
-/// What a reload of the token files found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TokenReload {
-    Unchanged,
-    Loaded { tokens: usize },
-    Refused(String),
-}
-
 impl Tokens {
     pub fn new(keyring: Keyring, config: AuthConfig) -> Arc<Self> {
         Arc::new(Self { current: std::sync::RwLock::new(Arc::new(keyring)), config })
@@ -279,60 +272,24 @@ impl Tokens {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Whether there are token files to reload.
-    pub fn reloadable(&self) -> bool {
+    /// How often the token files are read again; `None` without token files.
+    pub fn reload_interval(&self) -> Option<std::time::Duration> {
         let c = &self.config;
-        c.read_tokens_file.is_some() || c.write_tokens_file.is_some() || c.admin_tokens_file.is_some()
+        (c.read_tokens_file.is_some() || c.write_tokens_file.is_some() || c.admin_tokens_file.is_some())
+            .then(|| std::time::Duration::from_millis(c.reload_interval_ms))
     }
 
     /// Reads the token files again and swaps the tokens in if they changed. Blocking.
-    pub fn reload(&self) -> TokenReload {
+    pub fn reload(&self) -> Reload {
         let fresh = match Keyring::load(&self.config) {
             Ok(k) => k,
-            Err(e) => return TokenReload::Refused(e.to_string()),
+            Err(e) => return Reload::Refused(e.to_string()),
         };
         if *self.current() == fresh {
-            return TokenReload::Unchanged;
+            return Reload::Unchanged;
         }
-        let tokens = fresh.digests.len();
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
-        TokenReload::Loaded { tokens }
-    }
-
-    /// Reloads every `interval` until `stop`.
-    pub fn spawn_reloader(
-        self: &Arc<Self>,
-        interval: std::time::Duration,
-        metrics: Arc<Metrics>,
-        mut stop: tokio::sync::oneshot::Receiver<()>,
-    ) -> tokio::task::JoinHandle<()> {
-        let tokens = self.clone();
-        tokio::spawn(async move {
-            let mut last_refusal = String::new();
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = &mut stop => return,
-                }
-                let t = tokens.clone();
-                let Ok(outcome) = tokio::task::spawn_blocking(move || t.reload()).await else { continue };
-                match outcome {
-                    TokenReload::Unchanged => {}
-                    TokenReload::Loaded { tokens } => {
-                        last_refusal.clear();
-                        metrics.token_reload("loaded");
-                        tracing::info!(tokens, "token files reloaded");
-                    }
-                    TokenReload::Refused(reason) => {
-                        if reason != last_refusal {
-                            metrics.token_reload("refused");
-                            tracing::error!(%reason, "the token files do not load; the tokens in force stay");
-                            last_refusal = reason;
-                        }
-                    }
-                }
-            }
-        })
+        Reload::Loaded
     }
 }
 

@@ -26,6 +26,7 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod metrics;
+pub mod reload;
 pub mod remote;
 pub mod routing;
 pub mod scorer;
@@ -183,6 +184,19 @@ pub(crate) struct Serving {
 }
 
 impl Serving {
+    /// Runs a [`reload`] loop until the server stops.
+    fn reload(
+        &mut self,
+        what: &'static str,
+        interval: std::time::Duration,
+        check: impl Fn() -> reload::Reload + Send + Sync + 'static,
+        count: impl Fn(&str) + Send + 'static,
+    ) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        self.tasks.push(reload::spawn(what, interval, check, count, stopped));
+        self.stops.push(stop);
+    }
+
     /// Signals every stop, lets the server finish its in-flight requests, then waits
     /// for the tasks.
     pub async fn stop(self) -> Result<(), Error> {
@@ -307,28 +321,44 @@ impl Security {
 pub(crate) type AuthRouter =
     tonic::transport::server::Router<tower_layer::Stack<auth::AuthLayer, tower_layer::Identity>>;
 
-/// Serves `router` on `listener` until `stopped`: plain, or TLS (handshakes off the
-/// accept loop) with `tls`.
+/// Serves `router` on `listener`, plain or with `tls` (handshakes off the accept
+/// loop), and reloads the token files and the certificate while it serves.
 pub(crate) fn spawn_server(
     router: AuthRouter,
     listener: tokio::net::TcpListener,
-    tls: Option<&Arc<tls::ServerTls>>,
-    metrics: Arc<metrics::Metrics>,
-    stopped: oneshot::Receiver<()>,
-) -> JoinHandle<Result<(), tonic::transport::Error>> {
+    tls: Option<Arc<tls::ServerTls>>,
+    tokens: &Arc<auth::Tokens>,
+    metrics: &Arc<metrics::Metrics>,
+) -> Serving {
+    let (stop, stopped) = oneshot::channel::<()>();
     let signal = async move {
         let _ = stopped.await;
     };
-    match tls {
+    let server = match &tls {
         // tonic ignores the builder's nodelay with a custom incoming: set it here.
         None => {
             let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal))
         }
         Some(tls) => {
-            tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener, metrics), signal))
+            tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener, metrics.clone()), signal))
         }
+    };
+    let mut serving = Serving { stops: vec![stop], server, tasks: Vec::new() };
+    if let Some(interval) = tokens.reload_interval() {
+        let (t, m) = (tokens.clone(), metrics.clone());
+        serving.reload("token files", interval, move || t.reload(), move |r| m.token_reload(r));
     }
+    if let Some(tls) = tls {
+        let (interval, m) = (tls.reload_interval(), metrics.clone());
+        serving.reload(
+            "TLS certificate",
+            interval,
+            move || tls.reload_if_changed(),
+            move |r| m.tls_reload(r),
+        );
+    }
+    serving
 }
 
 fn node_setup(
@@ -475,7 +505,6 @@ async fn serve(
     let feed = service::FeedApi { broker: broker.clone(), metrics: metrics.clone() };
     let shard = shard_service::ShardApi::new(replicas.clone(), metrics.clone(), delays);
     let max = feedgraph_cluster::net::MAX_MESSAGE_BYTES;
-    let (stop, stopped) = oneshot::channel::<()>();
     let (scorer_service, scorer_registry, mut stops, mut tasks) = match embedded {
         Some(e) => (Some(e.service), Some(e.registry), vec![e.stop], vec![e.reloader]),
         None => (None, None, Vec::new(), Vec::new()),
@@ -495,18 +524,7 @@ async fn serve(
         .add_service(ReplicationServiceServer::new(ReplicationApi { replicas: replicas.clone() }))
         .add_service(AdminServiceServer::new(AdminApi { replicas: replicas.clone() }))
         .add_optional_service(scorer_service);
-    let server = spawn_server(router, incoming, tls.as_ref(), metrics.clone(), stopped);
-    if tokens.reloadable() {
-        let (stop_reload, reload_stopped) = oneshot::channel::<()>();
-        let every = std::time::Duration::from_millis(config.auth.reload_interval_ms);
-        tasks.push(tokens.spawn_reloader(every, metrics.clone(), reload_stopped));
-        stops.push(stop_reload);
-    }
-    if let Some(tls) = &tls {
-        let (stop_reload, reload_stopped) = oneshot::channel::<()>();
-        tasks.push(tls.spawn_reloader(metrics.clone(), reload_stopped));
-        stops.push(stop_reload);
-    }
+    let mut serving = spawn_server(router, incoming, tls, &tokens, &metrics);
     let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, async {
         let _ = metrics_stopped.await;
@@ -526,9 +544,10 @@ async fn serve(
         model = %config.scorer.model,
         "feedgraph serving"
     );
-    stops.extend([stop, stop_metrics, stop_refresh]);
+    stops.extend([stop_metrics, stop_refresh]);
     tasks.push(metrics_task);
-    let serving = Serving { stops, server, tasks };
+    serving.stops.extend(stops);
+    serving.tasks.extend(tasks);
     // Joined once serving: the controller calls this node as soon as it registers.
     let member = match (&mode, &config.cluster.etcd) {
         (Mode::Cluster, Some(url)) => match join(&config, url, &replicas, &directory, credentials).await {

@@ -274,7 +274,6 @@ pub async fn start_scorer(config: crate::config::ScorerServerConfig) -> Result<S
         .await
         .map_err(io(format!("binding metrics on {}", config.metrics_listen)))?;
     let metrics_addr = metrics_listener.local_addr().map_err(io("metrics listener address"))?;
-    let (stop, stopped) = oneshot::channel::<()>();
     let cfg = config.clone();
     let (keyring, tls) = tokio::task::spawn_blocking(move || {
         Ok::<_, Error>((cfg.auth.keyring()?, crate::tls::ServerTls::load(&cfg.tls)?))
@@ -289,20 +288,7 @@ pub async fn start_scorer(config: crate::config::ScorerServerConfig) -> Result<S
         .add_service(health_service)
         .add_service(reflection)
         .add_service(embedded.service);
-    let server = crate::spawn_server(router, incoming, tls.as_ref(), metrics.clone(), stopped);
-    let mut stops = vec![stop];
-    let mut tasks = vec![];
-    if tokens.reloadable() {
-        let (stop_reload, reload_stopped) = oneshot::channel::<()>();
-        let every = Duration::from_millis(config.auth.reload_interval_ms);
-        tasks.push(tokens.spawn_reloader(every, metrics.clone(), reload_stopped));
-        stops.push(stop_reload);
-    }
-    if let Some(tls) = &tls {
-        let (stop_reload, reload_stopped) = oneshot::channel::<()>();
-        tasks.push(tls.spawn_reloader(metrics.clone(), reload_stopped));
-        stops.push(stop_reload);
-    }
+    let mut serving = crate::spawn_server(router, incoming, tls, &tokens, &metrics);
     let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
     let metrics_task = tokio::spawn(crate::metrics::serve(metrics_listener, metrics, async {
         let _ = metrics_stopped.await;
@@ -314,10 +300,10 @@ pub async fn start_scorer(config: crate::config::ScorerServerConfig) -> Result<S
         grpc_addr,
         metrics_addr,
         registry: embedded.registry,
-        serving: crate::Serving {
-            stops: stops.into_iter().chain([stop_metrics, embedded.stop]).collect(),
-            server,
-            tasks: tasks.into_iter().chain([metrics_task, embedded.reloader]).collect(),
+        serving: {
+            serving.stops.extend([stop_metrics, embedded.stop]);
+            serving.tasks.extend([metrics_task, embedded.reloader]);
+            serving
         },
     })
 }

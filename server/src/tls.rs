@@ -19,12 +19,13 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::{ConfigError, TlsConfig};
 use crate::metrics::Metrics;
+use crate::reload::Reload;
 
 /// A handshake not done within this is dropped (a peer on loopback or a LAN needs
 /// milliseconds).
@@ -88,15 +89,6 @@ pub struct ServerTls {
     config: Arc<rustls::ServerConfig>,
     certificate: Arc<Reloading>,
     reload_interval: Duration,
-}
-
-/// What a reload check found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Reload {
-    Unchanged,
-    Loaded,
-    /// The files changed but do not load; the previous certificate stays.
-    Refused(String),
 }
 
 impl ServerTls {
@@ -172,41 +164,9 @@ impl ServerTls {
         }
     }
 
-    /// Checks the files every `reload_interval` until `stop`.
-    pub fn spawn_reloader(
-        self: &Arc<Self>,
-        metrics: Arc<Metrics>,
-        mut stop: oneshot::Receiver<()>,
-    ) -> tokio::task::JoinHandle<()> {
-        let tls = self.clone();
-        tokio::spawn(async move {
-            let mut last_refusal = String::new();
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(tls.reload_interval) => {}
-                    _ = &mut stop => return,
-                }
-                let t = tls.clone();
-                let Ok(outcome) = tokio::task::spawn_blocking(move || t.reload_if_changed()).await else {
-                    continue;
-                };
-                match outcome {
-                    Reload::Unchanged => {}
-                    Reload::Loaded => {
-                        last_refusal.clear();
-                        metrics.tls_reload("loaded");
-                        tracing::info!(file = %tls.certificate.cert_file.display(), "TLS certificate reloaded");
-                    }
-                    Reload::Refused(reason) => {
-                        if reason != last_refusal {
-                            metrics.tls_reload("refused");
-                            tracing::error!(%reason, "a new TLS certificate does not load; the current one keeps serving");
-                            last_refusal = reason;
-                        }
-                    }
-                }
-            }
-        })
+    /// How often the files are checked.
+    pub fn reload_interval(&self) -> Duration {
+        self.reload_interval
     }
 
     /// Accepts TCP connections on `listener` and yields them once their TLS handshake

@@ -4,6 +4,9 @@
 //! scorer carry its admin token.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::{http_get, metric};
+
 use std::time::Duration;
 
 use feedgraph_proto::auth::{AuthChannel, Bearer, Role, Secret, with_bearer};
@@ -263,25 +266,6 @@ async fn start_node(dir: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> f
     config.auth.env_tokens = tokens();
     tweak(&mut config);
     feedgraph_server::start(config).await.unwrap()
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .unwrap()
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await.unwrap().unwrap();
-    out
-}
-
-fn metric(body: &str, line_start: &str) -> u64 {
-    body.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,9 @@
 //! same `start` entry point as the binary.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::http_get;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
@@ -520,18 +523,6 @@ async fn restart_keeps_data_and_cursors() {
     let body = http_get(node.metrics_addr(), "/metrics").await;
     assert!(body.contains("feedgraph_grpc_requests_total"), "{body}");
     node.shutdown().await.unwrap();
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .unwrap()
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await.unwrap().unwrap();
-    out
 }
 
 #[tokio::test]
