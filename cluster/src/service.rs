@@ -69,6 +69,8 @@ pub fn store_status(e: StoreError) -> Status {
         }
         StoreError::BoardNotFound(_) => Status::not_found(msg),
         StoreError::OwnerMismatch { .. } | StoreError::InvalidWrite(_) => Status::invalid_argument(msg),
+        // A per-user cap, not load: RESOURCE_EXHAUSTED would read as "retry later".
+        StoreError::TooMany { .. } => Status::failed_precondition(msg),
         StoreError::OrdinalsExhausted { .. } => Status::resource_exhausted(msg),
         StoreError::NotReplica
         | StoreError::SequenceMismatch { .. }

@@ -30,6 +30,12 @@ pub enum Error {
     #[error("invalid write: {0}")]
     InvalidWrite(String),
 
+    /// A follow or block would take a user past the per-user cap.
+    #[error(
+        "user {user} would have {count} {what}, above the cap of {limit} (store.max_{what}_per_user): remove some first"
+    )]
+    TooMany { user: UserId, what: &'static str, count: usize, limit: u32 },
+
     /// The shard holds 2^32 - 1 pins: no ordinal is left.
     #[error("ordinal space exhausted on shard {shard}")]
     OrdinalsExhausted { shard: u32 },

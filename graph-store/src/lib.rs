@@ -20,7 +20,9 @@
 //! - A replica never writes anything of its own: its sequence numbers are the leader's.
 //!   A leader writes only at its epoch; the history of epochs is replicated data.
 //! - Bitmaps (`user_pins`, `board_pins`, `topic_pins`, `filters`, `seen`) are changed
-//!   only by merge operands, so edge writes are blind.
+//!   only by merge operands, so edge writes are blind; the one exception is the `seen`
+//!   window, whose expired periods the write path deletes (in the WAL, like any write,
+//!   so replicas drop what their leader dropped).
 //! - Unknown ids read as empty values, not errors. A stored value that does not decode
 //!   is [`Error::Corrupt`], never a panic.
 //! - All calls block on disk: async callers run them on a blocking pool.
@@ -35,8 +37,9 @@ pub use attrs::{BLOCK_ORDINALS, BLOCK_SHIFT, BlockBounds, HotAttrs, PinAttribute
 pub use error::{Error, Result};
 pub use record::{FilterKind, PinRecord};
 pub use shard::{
-    BulkLoad, BulkLoadStats, BulkProgress, CommitListener, Digest, Divergence, EpochHistory, EpochStart,
-    Follows, LogPosition, Shard, ShardOptions, StoreMemory, WalBatch, WriteOutcome,
+    BulkLoad, BulkLoadStats, BulkProgress, CacheUsage, CommitListener, Digest, Divergence, EpochHistory,
+    EpochStart, Follows, LogPosition, SeenStats, SeenSweep, SeenWindow, Shard, ShardOptions, StoreMemory,
+    WalBatch, WriteOutcome, wall_clock_ms,
 };
 
 /// Version of the on-disk schema; a shard written by another version refuses to open.

@@ -107,7 +107,7 @@ fn check_quality(field: &str, q: f32) -> Result<f32> {
 
 /// Most request features one feed request may carry.
 pub const MAX_REQUEST_FEATURES: usize = 64;
-/// Longest user name or board name accepted, in bytes.
+/// Longest user name, board name or request feature name accepted, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
 /// Most topics one pin may carry.
 pub const MAX_TOPICS_PER_PIN: usize = 64;
@@ -459,10 +459,19 @@ impl TryFrom<pb::v1::FeedRequest> for model::FeedRequest {
         }
         let mut features = std::collections::BTreeMap::new();
         for (name, value) in r.features {
+            if name.len() > MAX_NAME_BYTES {
+                return Err(FieldError::new(
+                    "features",
+                    format!("a name is longer than {MAX_NAME_BYTES} bytes"),
+                ));
+            }
             if !value.is_finite() {
                 return Err(FieldError::new(format!("features[{name}]"), "must be a finite number"));
             }
             features.insert(name, f64::from(value));
+        }
+        if r.ranking.len() > MAX_NAME_BYTES {
+            return Err(FieldError::new("ranking", format!("is longer than {MAX_NAME_BYTES} bytes")));
         }
         Ok(Self {
             user: user_id("user_id", r.user_id)?,

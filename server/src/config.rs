@@ -356,8 +356,25 @@ pub struct StoreConfig {
     pub bitmap_cache_mb: u64,
     /// Memtable size per column family, in MiB.
     pub write_buffer_mb: u64,
-    /// Users whose follow lists each shard caches.
-    pub follows_cache_entries: u64,
+    /// Follow-list cache per shard, in MiB.
+    pub follows_cache_mb: u64,
+    /// Most users, boards and topics one user may follow: a follow past it is refused
+    /// with FAILED_PRECONDITION (a feed reads the whole list on every request).
+    pub max_follows_per_user: u32,
+    /// Most users one user may block.
+    pub max_blocks_per_user: u32,
+    /// Impressions are left out of a viewer's feeds for this many hours, then deleted
+    /// (kept at most one period longer).
+    pub seen_window_hours: u32,
+    /// Impressions are stored in one bitmap per viewer per period of this many hours;
+    /// expiry drops whole periods.
+    pub seen_period_hours: u32,
+    /// Most impressions kept per viewer on each shard; past it the oldest go first.
+    pub seen_max_entries: u32,
+    /// How often each leader looks for viewers with expired impressions and deletes
+    /// them (viewers still shown pins drop theirs with every new impression), in
+    /// seconds.
+    pub seen_sweep_interval_s: u64,
 }
 
 /// Replication between the replicas of a shard, and how brokers reach other nodes.
@@ -521,7 +538,13 @@ impl Default for StoreConfig {
             write_buffers_total_mb: 1024,
             bitmap_cache_mb: 32,
             write_buffer_mb: 16,
-            follows_cache_entries: 100_000,
+            follows_cache_mb: 32,
+            max_follows_per_user: 10_000,
+            max_blocks_per_user: 10_000,
+            seen_window_hours: 30 * 24,
+            seen_period_hours: 24,
+            seen_max_entries: 10_000,
+            seen_sweep_interval_s: 600,
         }
     }
 }
@@ -591,6 +614,28 @@ impl Config {
             ));
         }
         self.tls.validate()?;
+        let st = &self.store;
+        if st.seen_period_hours == 0 || st.seen_period_hours > 24 * 366 {
+            return Err(invalid("store.seen_period_hours", "must be in 1..=8784 (a year)"));
+        }
+        if st.seen_window_hours < st.seen_period_hours || st.seen_window_hours > 24 * 366 * 10 {
+            return Err(invalid(
+                "store.seen_window_hours",
+                "must be at least store.seen_period_hours and at most ten years",
+            ));
+        }
+        if st.seen_max_entries == 0 || st.seen_max_entries > 10_000_000 {
+            return Err(invalid("store.seen_max_entries", "must be in 1..=10000000"));
+        }
+        if st.max_follows_per_user == 0 || st.max_follows_per_user > 1_000_000 {
+            return Err(invalid("store.max_follows_per_user", "must be in 1..=1000000"));
+        }
+        if st.max_blocks_per_user == 0 || st.max_blocks_per_user > 1_000_000 {
+            return Err(invalid("store.max_blocks_per_user", "must be in 1..=1000000"));
+        }
+        if st.seen_sweep_interval_s == 0 {
+            return Err(invalid("store.seen_sweep_interval_s", "must be at least 1"));
+        }
         let calls_others = self.placement.is_some()
             || self.cluster.etcd.is_some()
             || self.scorer.endpoint.as_deref().is_some_and(|e| e.starts_with("https://"));
@@ -759,8 +804,15 @@ impl Config {
             write_buffer_bytes: (s.write_buffer_mb.max(1) << 20) as usize,
             background_jobs: 2,
             bitmap_cache_bytes: s.bitmap_cache_mb << 20,
-            follows_cache_entries: s.follows_cache_entries,
+            follows_cache_bytes: s.follows_cache_mb << 20,
+            max_follows: s.max_follows_per_user,
+            max_blocks: s.max_blocks_per_user,
             recent_batches_bytes: (self.replication.recent_batches_kb << 10) as usize,
+            seen: feedgraph_graph_store::SeenWindow {
+                window_hours: s.seen_window_hours,
+                period_hours: s.seen_period_hours,
+                max_entries: s.seen_max_entries,
+            },
         }
     }
 

@@ -11,7 +11,8 @@
 //! internal wire conversions ([`wire`]), gRPC health and reflection, Prometheus metrics
 //! ([`metrics`]), the scorer service, its client and the model reload loop
 //! ([`scorer`]), authentication by role in front of every gRPC route ([`auth`]), TLS
-//! on the gRPC port with certificate reload ([`tls`]), and the demo graph and models
+//! on the gRPC port with certificate reload ([`tls`]), the sweep of expired
+//! impressions ([`seen_sweep`]), and the demo graph and models
 //! ([`demo`]). `main.rs` only parses the
 //! command line and calls into this crate, so tests start real nodes in-process
 //! through the same [`start`].
@@ -30,6 +31,7 @@ pub mod reload;
 pub mod remote;
 pub mod routing;
 pub mod scorer;
+pub mod seen_sweep;
 pub mod service;
 pub mod shard_service;
 pub mod tls;
@@ -544,7 +546,13 @@ async fn serve(
         model = %config.scorer.model,
         "feedgraph serving"
     );
-    stops.extend([stop_metrics, stop_refresh]);
+    let (stop_sweep, sweep_stopped) = oneshot::channel::<()>();
+    tasks.push(seen_sweep::spawn(
+        replicas.clone(),
+        std::time::Duration::from_secs(config.store.seen_sweep_interval_s),
+        sweep_stopped,
+    ));
+    stops.extend([stop_metrics, stop_refresh, stop_sweep]);
     tasks.push(metrics_task);
     serving.stops.extend(stops);
     serving.tasks.extend(tasks);

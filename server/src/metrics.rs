@@ -122,6 +122,11 @@ struct ReplicaMetrics {
     stale_epoch_refusals: IntCounterVec,
     checkpoint_resumes: IntCounterVec,
     semi_sync_timeouts: IntCounterVec,
+    seen_periods_expired: IntCounterVec,
+    seen_entries_trimmed: IntCounterVec,
+    bitmap_cache_bytes: IntGaugeVec,
+    follows_cache_bytes: IntGaugeVec,
+    follows_cache_entries: IntGaugeVec,
     block_cache_bytes: IntGauge,
     block_cache_capacity: IntGauge,
     write_buffer_bytes: IntGauge,
@@ -188,6 +193,23 @@ impl ReplicaMetrics {
                 "replica_semi_sync_timeouts_total",
                 "Semi-sync writes no follower confirmed in time",
             )?,
+            seen_periods_expired: counter(
+                "store_seen_periods_expired_total",
+                "Viewer impression periods deleted by this leader as they left the seen window",
+            )?,
+            seen_entries_trimmed: counter(
+                "store_seen_entries_trimmed_total",
+                "Impressions this leader dropped because a viewer held more than store.seen_max_entries",
+            )?,
+            bitmap_cache_bytes: gauge(
+                "store_bitmap_cache_bytes",
+                "Weight of decoded bitmaps cached (bounded by store.bitmap_cache_mb)",
+            )?,
+            follows_cache_bytes: gauge(
+                "store_follows_cache_bytes",
+                "Weight of follow lists cached (bounded by store.follows_cache_mb)",
+            )?,
+            follows_cache_entries: gauge("store_follows_cache_entries", "Follow lists cached")?,
             block_cache_bytes: plain("store_block_cache_bytes", "Bytes in the node's RocksDB block cache")?,
             block_cache_capacity: plain(
                 "store_block_cache_capacity_bytes",
@@ -227,6 +249,17 @@ impl ReplicaMetrics {
             set_counter(&self.stale_epoch_refusals, shard, s.stale_epoch_refusals);
             set_counter(&self.checkpoint_resumes, shard, s.checkpoint_resumes);
             set_counter(&self.semi_sync_timeouts, shard, s.semi_sync_timeouts);
+        }
+        for r in replicas.all() {
+            if let Some(store) = r.store() {
+                let (shard, seen) = (store.id().to_string(), store.seen_stats());
+                set_counter(&self.seen_periods_expired, &shard, seen.periods_expired);
+                set_counter(&self.seen_entries_trimmed, &shard, seen.entries_trimmed);
+                let cache = store.cache_usage();
+                self.bitmap_cache_bytes.with_label_values(&[&shard]).set(cache.bitmap_bytes as i64);
+                self.follows_cache_bytes.with_label_values(&[&shard]).set(cache.follows_bytes as i64);
+                self.follows_cache_entries.with_label_values(&[&shard]).set(cache.follows_entries as i64);
+            }
         }
         let m = replicas.memory();
         self.block_cache_bytes.set(m.block_cache_usage() as i64);

@@ -754,3 +754,92 @@ async fn the_scorer_embeds_in_the_feed_node() {
     assert!(body.contains(r#"feedgraph_feed_rankings_total{scoring="fallback_refused"} 1"#), "{body}");
     n.node.shutdown().await.unwrap();
 }
+
+/// Impressions older than the seen window are deleted by the node's sweep, also for a
+/// viewer who is never shown anything again (nothing else would ever write to their
+/// key); newer impressions stay.
+#[tokio::test]
+async fn the_seen_sweep_deletes_impressions_that_left_the_window() {
+    use feedgraph_model::{Board, BoardId, Durability, Mutation, Pin, PinId, PinRef};
+    const HOUR: u64 = 3_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: dir.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        ..Config::default()
+    };
+    config.store.seen_window_hours = 24;
+    config.store.seen_period_hours = 24;
+    config.store.seen_sweep_interval_s = 1;
+    let shards = feedgraph_server::open_shards(&config).unwrap();
+    let shard = shards[0].clone();
+    let (u, p) = (|v| UserId::new(v).unwrap(), |v| PinId::new(v).unwrap());
+    let board = BoardId::new(1).unwrap();
+    let mut content = vec![Mutation::UpsertBoard(Board { id: board, owner: u(10), name: "b".into() })];
+    content.extend((1..=2).map(|id| {
+        Mutation::UpsertPin(Pin {
+            id: p(id),
+            owner: u(10),
+            board,
+            created_at_ms: NOW,
+            topics: Vec::new(),
+            signals: Default::default(),
+        })
+    }));
+    shard.write(&content, Durability::Sync).unwrap();
+    let seen = |viewer, pin| Mutation::RecordImpressions {
+        user: u(viewer),
+        pins: vec![PinRef { pin: p(pin), owner: u(10) }],
+    };
+    let now = feedgraph_graph_store::wall_clock_ms();
+    // Viewer 7 was last shown a pin four days ago; viewer 8 just now.
+    shard.write_as_of(None, &[seen(7, 1)], Durability::Sync, now - 100 * HOUR).unwrap();
+    shard.write_as_of(None, &[seen(8, 2)], Durability::Sync, now).unwrap();
+    assert_eq!(shard.seen_sweep(None, now, 10, 100).unwrap().users, [u(7)]);
+
+    let node = feedgraph_server::start_with(config, shards).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let body = http_get(node.metrics_addr(), "/metrics").await;
+        if common::metric(&body, "feedgraph_store_seen_periods_expired_total{shard=\"0\"}") >= 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no sweep within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = feedgraph_graph_store::wall_clock_ms();
+    assert!(shard.seen_sweep(None, now, 10, 100).unwrap().users.is_empty());
+    assert_eq!(shard.seen(u(8)).unwrap().len(), 1);
+    drop(shard);
+    node.shutdown().await.unwrap();
+}
+
+/// A follow past `store.max_follows_per_user` is refused with FAILED_PRECONDITION
+/// naming the cap, and the request writes nothing; unfollowing makes room again.
+#[tokio::test]
+async fn follows_past_the_per_user_cap_are_refused() {
+    let mut n = start(|c| c.store.max_follows_per_user = 2).await;
+    let follows = |n: &mut TestNode| {
+        let mut g = n.graph.clone();
+        async move { g.get_follows(pb::GetFollowsRequest { user_id: 1 }).await.unwrap().into_inner().user_ids }
+    };
+    write(&mut n, vec![follow_user(1, 10), follow_user(1, 11)]).await.unwrap();
+    // Following someone already followed takes no room.
+    write(&mut n, vec![follow_user(1, 10)]).await.unwrap();
+    let err = write(&mut n, vec![follow_user(1, 12), follow_user(1, 13)]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("max_follows_per_user"), "{}", err.message());
+    let mut got = follows(&mut n).await;
+    got.sort();
+    assert_eq!(got, [10, 11]);
+    let unfollow = m(Op::Unfollow(pb::Unfollow {
+        follower_id: 1,
+        target: Some(pb::FollowTarget { target: Some(pb::follow_target::Target::UserId(10)) }),
+    }));
+    write(&mut n, vec![unfollow, follow_user(1, 12)]).await.unwrap();
+    let mut got = follows(&mut n).await;
+    got.sort();
+    assert_eq!(got, [11, 12]);
+}

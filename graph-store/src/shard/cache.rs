@@ -42,9 +42,28 @@ impl Weighter<BitmapKey, Arc<RoaringBitmap>> for BitmapWeight {
     }
 }
 
+/// A cached follow list weighs its ids plus the entry's overhead.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FollowsWeight;
+
+impl Weighter<UserId, Arc<Follows>> for FollowsWeight {
+    fn weight(&self, _key: &UserId, f: &Arc<Follows>) -> u64 {
+        (96 + 8 * f.users.len() + 16 * f.boards.len() + 4 * f.topics.len() + 8 * f.blocked.len()) as u64
+    }
+}
+
+/// What a shard's read caches hold now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheUsage {
+    pub bitmap_bytes: u64,
+    pub bitmap_entries: u64,
+    pub follows_bytes: u64,
+    pub follows_entries: u64,
+}
+
 pub(crate) struct ReadCache {
     pub(crate) bitmaps: Cache<BitmapKey, Arc<RoaringBitmap>, BitmapWeight>,
-    pub(crate) follows: Cache<UserId, Arc<Follows>>,
+    pub(crate) follows: Cache<UserId, Arc<Follows>, FollowsWeight>,
     generation: AtomicU64,
     gate: RwLock<()>,
 }
@@ -54,7 +73,8 @@ impl ReadCache {
         // The item estimate only sizes the tables up front.
         let estimated = (opts.bitmap_cache_bytes / 1024).clamp(1, 1 << 20) as usize;
         let bitmaps = Cache::with_weighter(estimated, opts.bitmap_cache_bytes.max(1), BitmapWeight);
-        let follows = Cache::new(opts.follows_cache_entries.clamp(1, usize::MAX as u64) as usize);
+        let estimated = (opts.follows_cache_bytes / 512).clamp(1, 1 << 20) as usize;
+        let follows = Cache::with_weighter(estimated, opts.follows_cache_bytes.max(1), FollowsWeight);
         Self { bitmaps, follows, generation: AtomicU64::new(0), gate: RwLock::new(()) }
     }
 
@@ -76,6 +96,15 @@ impl ReadCache {
             insert(&v);
         }
         Ok(v)
+    }
+
+    pub(crate) fn usage(&self) -> CacheUsage {
+        CacheUsage {
+            bitmap_bytes: self.bitmaps.weight(),
+            bitmap_entries: self.bitmaps.len() as u64,
+            follows_bytes: self.follows.weight(),
+            follows_entries: self.follows.len() as u64,
+        }
     }
 
     /// Cache key of a bitmap key, for the cached families (`seen` is not cached: it is

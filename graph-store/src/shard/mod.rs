@@ -12,6 +12,7 @@ pub(crate) mod epochs;
 mod reads;
 mod replication;
 pub(crate) mod schema;
+mod seen;
 mod write;
 
 use std::path::{Path, PathBuf};
@@ -27,9 +28,11 @@ use crate::record::{PinRecord, decode_ordinal};
 use crate::{Error, Result, SCHEMA_VERSION};
 
 pub use bulk::{BulkLoad, BulkLoadStats, BulkProgress};
+pub use cache::CacheUsage;
 pub use epochs::{Divergence, EpochHistory, EpochStart, LogPosition};
 pub use replication::{CommitListener, Digest, WalBatch};
 pub use schema::StoreMemory;
+pub use seen::{SeenStats, SeenSweep, SeenWindow, wall_clock_ms};
 
 use cache::ReadCache;
 use schema::{Cf, CfIds, META_EPOCHS, META_LINEAGE, META_NEXT_ORDINAL, META_SCHEMA_VERSION, META_SHARD_ID};
@@ -53,11 +56,18 @@ pub struct ShardOptions {
     pub background_jobs: i32,
     /// In-memory cache of decoded adjacency and filter bitmaps, in bytes (0 = off).
     pub bitmap_cache_bytes: u64,
-    /// Users whose follow lists are cached.
-    pub follows_cache_entries: u64,
+    /// In-memory cache of follow lists, in bytes (0 = off).
+    pub follows_cache_bytes: u64,
     /// The newest committed batches kept in memory for followers, in bytes (a batch
     /// larger than half of it is read from the WAL instead).
     pub recent_batches_bytes: usize,
+    /// How long, and how many, impressions are kept per viewer.
+    pub seen: SeenWindow,
+    /// Most users, boards and topics one user may follow (a follow past it is
+    /// refused; lists already longer, from a bulk load, are kept).
+    pub max_follows: u32,
+    /// Most users one user may block.
+    pub max_blocks: u32,
 }
 
 impl ShardOptions {
@@ -72,8 +82,11 @@ impl ShardOptions {
             write_buffer_bytes: 32 << 20,
             background_jobs: 2,
             bitmap_cache_bytes: 64 << 20,
-            follows_cache_entries: 100_000,
+            follows_cache_bytes: 32 << 20,
             recent_batches_bytes: 8 << 20,
+            seen: SeenWindow::default(),
+            max_follows: 10_000,
+            max_blocks: 10_000,
         }
     }
 }
@@ -127,6 +140,10 @@ pub struct Shard {
     recent: Mutex<replication::RecentBatches>,
     /// The byte cap of `recent` (fixed: read on every commit without its lock).
     recent_cap: usize,
+    seen_window: SeenWindow,
+    seen_counters: seen::SeenCounters,
+    max_follows: u32,
+    max_blocks: u32,
 }
 
 impl std::fmt::Debug for Shard {
@@ -204,6 +221,10 @@ impl Shard {
             commit_listener: RwLock::new(None),
             recent: Mutex::new(replication::RecentBatches::new(opts.recent_batches_bytes)),
             recent_cap: opts.recent_batches_bytes,
+            seen_window: opts.seen,
+            seen_counters: seen::SeenCounters::default(),
+            max_follows: opts.max_follows,
+            max_blocks: opts.max_blocks,
         };
         shard.check_meta(opts.shard_id, leader)?;
         shard.rebuild_attributes()?;
@@ -330,6 +351,11 @@ impl Shard {
         &self.path
     }
 
+    /// What this shard's read caches (bitmaps, follow lists) hold now.
+    pub fn cache_usage(&self) -> CacheUsage {
+        self.cache.usage()
+    }
+
     /// The RocksDB memory budget this shard shares with the node's other shards.
     pub fn memory(&self) -> &StoreMemory {
         &self.memory
@@ -379,10 +405,23 @@ impl Shard {
         mutations: &[Mutation],
         durability: Durability,
     ) -> Result<WriteOutcome> {
+        self.write_as_of(epoch, mutations, durability, seen::wall_clock_ms())
+    }
+
+    /// [`Shard::write`] (or [`Shard::write_at`] with `Some(epoch)`) as of `now_ms`, the
+    /// clock the `seen` window reads: for backfills of dated impressions, and tests.
+    pub fn write_as_of(
+        &self,
+        epoch: Option<u64>,
+        mutations: &[Mutation],
+        durability: Durability,
+        now_ms: u64,
+    ) -> Result<WriteOutcome> {
         let mut writer = self.lock_writer();
         let epoch = writer.check_writable(epoch)?;
-        let prepared = write::prepare(self, writer.next_ordinal, mutations)?;
+        let prepared = write::prepare(self, writer.next_ordinal, mutations, now_ms)?;
         let sequence = self.apply(&mut writer, prepared.batch, &prepared.effects, durability)?;
+        self.seen_counters.add(prepared.seen_dropped);
         Ok(WriteOutcome { sequence, epoch, applied: mutations.len(), unknown_pins: prepared.unknown_pins })
     }
 

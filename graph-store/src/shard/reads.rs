@@ -200,11 +200,6 @@ impl Shard {
         self.bitmap(Cf::Filters, kind.key())
     }
 
-    /// Ordinals of this shard's pins the user has been shown.
-    pub fn seen(&self, user: UserId) -> Result<RoaringBitmap> {
-        self.bitmap(Cf::Seen, &u64_key(user.get()))
-    }
-
     /// `follows` through the cache (the broker reads this on every feed request).
     pub fn follows_cached(&self, user: UserId) -> Result<Arc<Follows>> {
         self.cache.read_through(

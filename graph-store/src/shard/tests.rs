@@ -455,11 +455,12 @@ fn a_batch_carries_the_effects_its_writer_prepared() {
     ];
     for muts in writes {
         let next = s.lock_writer().next_ordinal;
-        let prepared = write::prepare(&s, next, &muts).unwrap();
+        let now = seen::wall_clock_ms();
+        let prepared = write::prepare(&s, next, &muts, now).unwrap();
         let decoded =
             write::Effects::decode(&prepared.batch, &s.cf_ids, prepared.batch.len() as u64).unwrap();
         assert_eq!(decoded, prepared.effects, "{muts:?}");
-        s.write(&muts, Durability::Buffered).unwrap();
+        s.write_as_of(None, &muts, Durability::Buffered, now).unwrap();
     }
     // An epoch start carries the new history.
     s.lead(9).unwrap();
@@ -512,4 +513,220 @@ fn the_watermark_never_runs_ahead_of_the_rows() {
     }
     writer.join().unwrap();
     assert!(checks > 0);
+}
+
+// ------------------------------------------------------------------ the seen window
+
+const HOUR: u64 = 3_600_000;
+
+fn open_with_window(dir: &Path, window: SeenWindow) -> Shard {
+    Shard::open(dir, &ShardOptions { seen: window, ..ShardOptions::new(3) }).unwrap()
+}
+
+/// Pins 1..=n of user 10 on board 1 (ordinals 0..n).
+fn pins(s: &Shard, n: u64) {
+    let mut muts = vec![board(1, 10)];
+    muts.extend((1..=n).map(|p| pin(p, 10, 1, p as i64, &[])));
+    s.write(&muts, Durability::Buffered).unwrap();
+}
+
+fn impressions(s: &Shard, user: u64, pins: impl IntoIterator<Item = u64>, now_ms: u64) {
+    let pins = pins.into_iter().map(|p| PinRef { pin: pid(p), owner: uid(10) }).collect();
+    s.write_as_of(
+        None,
+        &[Mutation::RecordImpressions { user: uid(user), pins }],
+        Durability::Buffered,
+        now_ms,
+    )
+    .unwrap();
+}
+
+/// Stored periods of a viewer: (first hour, entries).
+fn periods(s: &Shard, user: u64) -> Vec<(Option<u32>, u64)> {
+    s.seen_periods(uid(user)).unwrap().into_iter().map(|p| (p.start, p.ordinals.len())).collect()
+}
+
+#[test]
+fn seen_leaves_out_and_deletes_periods_older_than_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let s =
+        open_with_window(dir.path(), SeenWindow { window_hours: 48, period_hours: 24, max_entries: 1000 });
+    pins(&s, 10);
+    let t0 = 1000 * 24 * HOUR; // the start of a day
+    impressions(&s, 1, [1, 2], t0 + HOUR);
+    impressions(&s, 1, [3], t0 + 30 * HOUR);
+    assert_eq!(periods(&s, 1), [(Some(24_000), 2), (Some(24_024), 1)]);
+    assert_eq!(ids(&s.seen_at(uid(1), t0 + 30 * HOUR).unwrap()), [0, 1, 2]);
+    // Day 0's impressions are all older than 48 hours at hour 72: left out of reads at
+    // once, deleted by the viewer's next write.
+    assert_eq!(ids(&s.seen_at(uid(1), t0 + 72 * HOUR).unwrap()), [2]);
+    assert_eq!(periods(&s, 1).len(), 2);
+    impressions(&s, 1, [4], t0 + 72 * HOUR);
+    assert_eq!(periods(&s, 1), [(Some(24_024), 1), (Some(24_072), 1)]);
+    assert_eq!(ids(&s.seen_at(uid(1), t0 + 72 * HOUR).unwrap()), [2, 3]);
+    assert_eq!(s.seen_stats(), SeenStats { periods_expired: 1, entries_trimmed: 0 });
+    // An empty `RecordImpressions` applies the window and records nothing.
+    impressions(&s, 1, [], t0 + 200 * HOUR);
+    assert!(periods(&s, 1).is_empty());
+    assert_eq!(s.seen_stats().periods_expired, 3);
+}
+
+/// The long run of the issue: a viewer shown pins for weeks stays within its cap, and
+/// keeps the newest impressions.
+#[test]
+fn seen_stays_within_its_cap_under_a_long_run_of_impressions() {
+    let dir = tempfile::tempdir().unwrap();
+    let window = SeenWindow { window_hours: 24 * 365, period_hours: 6, max_entries: 100 };
+    let s = open_with_window(dir.path(), window);
+    pins(&s, 1000);
+    let t0 = 500_000 * HOUR;
+    let mut shown = 0u64;
+    for round in 0..400u64 {
+        let now = t0 + round * HOUR;
+        // 7 pins a round, cycling through the 1,000 (some are seen twice).
+        let batch: Vec<u64> = (0..7).map(|i| (round * 7 + i) % 1000 + 1).collect();
+        impressions(&s, 1, batch.clone(), now);
+        shown += 7;
+        let stored: u64 = periods(&s, 1).iter().map(|(_, n)| n).sum();
+        assert!(stored <= 100, "round {round}: {stored} stored");
+        let seen = s.seen_at(uid(1), now).unwrap();
+        for p in &batch {
+            assert!(seen.contains((*p - 1) as u32), "round {round}: pin {p} just shown is not seen");
+        }
+    }
+    assert!(s.seen_stats().entries_trimmed >= shown - 100);
+    // Only the last few periods are left.
+    assert!(periods(&s, 1).len() <= 5, "{:?}", periods(&s, 1));
+}
+
+/// One request naming more pins than the cap keeps the cap (of its newest ordinals).
+#[test]
+fn one_write_above_the_cap_is_trimmed_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open_with_window(dir.path(), SeenWindow { window_hours: 48, period_hours: 24, max_entries: 5 });
+    pins(&s, 10);
+    impressions(&s, 1, 1..=8, 24 * HOUR);
+    assert_eq!(ids(&s.seen_at(uid(1), 24 * HOUR).unwrap()), [3, 4, 5, 6, 7]);
+    assert_eq!(s.seen_stats().entries_trimmed, 3);
+}
+
+/// A key of the layout before periods has no time: read as expired, found by the
+/// sweep, deleted by the viewer's next write.
+#[test]
+fn a_seen_key_without_a_period_reads_as_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    pins(&s, 3);
+    let legacy = Delta::add([0u32, 1]).encode();
+    s.db.merge_cf(s.cf(Cf::Seen), u64_key(1), legacy).unwrap();
+    assert_eq!(periods(&s, 1), [(None, 2)]);
+    assert!(s.seen(uid(1)).unwrap().is_empty());
+    let sweep = s.seen_sweep(None, seen::wall_clock_ms(), 10, 100).unwrap();
+    assert_eq!(sweep, SeenSweep { users: vec![uid(1)], next: None });
+    impressions(&s, 1, [3], seen::wall_clock_ms());
+    assert_eq!(periods(&s, 1).len(), 1);
+    assert_eq!(ids(&s.seen(uid(1)).unwrap()), [2]);
+}
+
+#[test]
+fn the_seen_sweep_pages_through_viewers_with_expired_periods() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open_with_window(dir.path(), SeenWindow { window_hours: 24, period_hours: 24, max_entries: 100 });
+    pins(&s, 3);
+    let day = 24 * HOUR;
+    for user in 1..=20 {
+        // Even viewers were shown pins on day 1 only; odd ones on day 1 and day 5.
+        impressions(&s, user, [1], day);
+        if user % 2 == 1 {
+            impressions(&s, user, [2], 5 * day);
+        }
+    }
+    // Odd viewers' day-1 periods went with their day-5 writes.
+    let now = 5 * day + HOUR;
+    let mut found = Vec::new();
+    let mut from = None;
+    for page in 0.. {
+        assert!(page < 50, "the sweep does not end");
+        let sweep = s.seen_sweep(from, now, 3, 4).unwrap();
+        found.extend(sweep.users);
+        match sweep.next {
+            Some(next) => from = Some(next),
+            None => break,
+        }
+    }
+    found.dedup();
+    assert_eq!(found, (2..=20).step_by(2).map(uid).collect::<Vec<_>>());
+    // Sweeping them (empty impressions) leaves nothing expired.
+    for u in &found {
+        impressions(&s, u.get(), [], now);
+    }
+    assert!(s.seen_sweep(None, now, 100, 1000).unwrap().users.is_empty());
+    assert!(periods(&s, 2).is_empty());
+    assert_eq!(periods(&s, 3).len(), 1);
+}
+
+/// What the window drops travels in the WAL: a replica applying the leader's batches
+/// holds the same impressions (and digest).
+#[test]
+fn a_replica_drops_what_its_leader_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let window = SeenWindow { window_hours: 24, period_hours: 12, max_entries: 3 };
+    let leader = open_with_window(&dir.path().join("leader"), window);
+    pins(&leader, 20);
+    let start = leader.checkpoint(dir.path().join("replica")).unwrap();
+    let replica = Shard::open_replica(
+        dir.path().join("replica"),
+        &ShardOptions { seen: window, ..ShardOptions::new(3) },
+    )
+    .unwrap();
+    for round in 0..30u64 {
+        impressions(&leader, 1 + round % 3, [round % 20 + 1, (round * 7) % 20 + 1], round * 5 * HOUR);
+    }
+    replica.apply_replicated(&leader.updates_since(start, usize::MAX).unwrap()).unwrap();
+    assert_eq!(leader.digest().unwrap(), replica.digest().unwrap());
+    let now = 29 * 5 * HOUR;
+    for user in 1..=3 {
+        assert_eq!(leader.seen_at(uid(user), now).unwrap(), replica.seen_at(uid(user), now).unwrap());
+        assert_eq!(periods(&leader, user), periods(&replica, user));
+    }
+    let stats = leader.seen_stats();
+    assert!(stats.periods_expired > 0 && stats.entries_trimmed > 0, "{stats:?}");
+}
+
+// ------------------------------------------------------------------ per-user caps
+
+#[test]
+fn follows_and_blocks_past_the_caps_are_refused_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Shard::open(dir.path(), &ShardOptions { max_follows: 3, max_blocks: 1, ..ShardOptions::new(3) })
+        .unwrap();
+    let follow = |target| Mutation::Follow { follower: uid(1), target };
+    let unfollow = |target| Mutation::Unfollow { follower: uid(1), target };
+    let (u, t) = (|v| FollowTarget::User(uid(v)), |v| FollowTarget::Topic(tid(v)));
+    let b = FollowTarget::Board { board: bid(5), owner: uid(9) };
+    s.write(&[follow(u(10)), follow(t(4)), follow(b), follow(u(10))], Durability::Buffered).unwrap();
+    // One more of any kind is too many; the request's other mutations are not written.
+    let before = s.latest_sequence();
+    let e = s.write(&[board(7, 1), follow(u(11))], Durability::Buffered).unwrap_err();
+    assert!(matches!(e, Error::TooMany { what: "follows", count: 4, limit: 3, .. }), "{e:?}");
+    assert_eq!(s.latest_sequence(), before);
+    assert!(s.board(bid(7)).unwrap().is_none());
+    // Room made in the same request counts.
+    s.write(&[unfollow(t(4)), follow(u(11))], Durability::Buffered).unwrap();
+    let f = s.follows(uid(1)).unwrap();
+    assert_eq!((f.users.len(), f.boards.len(), f.topics.len()), (2, 1, 0));
+    // Blocks have their own cap, and do not count as follows.
+    s.write(&[Mutation::BlockUser { user: uid(1), blocked: uid(66) }], Durability::Buffered).unwrap();
+    let e =
+        s.write(&[Mutation::BlockUser { user: uid(1), blocked: uid(67) }], Durability::Buffered).unwrap_err();
+    assert!(matches!(e, Error::TooMany { what: "blocks", .. }), "{e:?}");
+    s.write(
+        &[
+            Mutation::UnblockUser { user: uid(1), blocked: uid(66) },
+            Mutation::BlockUser { user: uid(1), blocked: uid(67) },
+        ],
+        Durability::Buffered,
+    )
+    .unwrap();
+    assert_eq!(s.follows(uid(1)).unwrap().blocked, [uid(67)]);
 }

@@ -21,6 +21,7 @@ use crate::{Error, Result};
 
 use super::epochs::EpochHistory;
 use super::schema::{Cf, CfIds, META_EPOCHS, META_NEXT_ORDINAL};
+use super::seen::{self, Dropped, seen_key};
 use super::{Shard, WriterState};
 
 /// What a committed batch changes in memory, beyond RocksDB.
@@ -185,17 +186,55 @@ pub(crate) struct Prepared {
     pub(crate) batch: WriteBatch,
     pub(crate) effects: Effects,
     pub(crate) unknown_pins: usize,
+    /// What the `seen` window dropped.
+    pub(crate) seen_dropped: Dropped,
 }
 
 /// Builds one write request into a batch and its effects, reading what it needs
 /// (validation failures write nothing: nothing is committed here).
-pub(crate) fn prepare(shard: &Shard, next_ordinal: u32, mutations: &[Mutation]) -> Result<Prepared> {
-    let mut w = BatchBuilder::new(shard, next_ordinal);
+/// `now_ms` places impressions in their period of the `seen` window and decides what
+/// has left it.
+pub(crate) fn prepare(
+    shard: &Shard,
+    next_ordinal: u32,
+    mutations: &[Mutation],
+    now_ms: u64,
+) -> Result<Prepared> {
+    let mut w = BatchBuilder::new(shard, next_ordinal, now_ms);
     for m in mutations {
         w.apply(m)?;
     }
-    let BatchBuilder { mut batch, deltas, records, next_ordinal: next, unknown_pins, follow_changes, .. } = w;
+    let BatchBuilder {
+        mut batch,
+        mut deltas,
+        records,
+        next_ordinal: next,
+        unknown_pins,
+        follow_changes,
+        seen_users,
+        ..
+    } = w;
     let mut bitmap_keys = BTreeSet::new();
+    let mut seen_dropped = Dropped::default();
+    for user in seen_users {
+        let current = (Cf::Seen, seen_key(user, shard.seen_window.period_start(now_ms)));
+        let (mut trims, mut deleted) = (Vec::new(), Vec::new());
+        let dropped = seen::apply_window(
+            shard,
+            user,
+            now_ms,
+            deltas.get(&current),
+            &mut batch,
+            &mut trims,
+            &mut deleted,
+        )?;
+        seen_dropped = seen_dropped.plus(dropped);
+        for (key, delta) in trims {
+            let slot = deltas.entry((Cf::Seen, key)).or_default();
+            *slot = std::mem::take(slot).then(&delta);
+        }
+        bitmap_keys.extend(deleted.into_iter().map(|k| (Cf::Seen, k)));
+    }
     for ((cf, key), delta) in deltas {
         if !delta.is_empty() {
             batch.merge_cf(shard.cf(cf), &key, delta.encode());
@@ -213,7 +252,7 @@ pub(crate) fn prepare(shard: &Shard, next_ordinal: u32, mutations: &[Mutation]) 
         follow_users: follow_changes.into_iter().collect(),
         epochs: None,
     };
-    Ok(Prepared { batch, effects, unknown_pins })
+    Ok(Prepared { batch, effects, unknown_pins, seen_dropped })
 }
 
 pub(crate) fn follow_entry(follower: UserId, target: FollowTarget) -> ([u8; 17], Vec<u8>) {
@@ -224,6 +263,13 @@ pub(crate) fn follow_entry(follower: UserId, target: FollowTarget) -> ([u8; 17],
         }
         FollowTarget::Topic(t) => (follow_key(follower, EdgeKind::Topic, u64::from(t.get())), Vec::new()),
     }
+}
+
+/// A user's follow and block keys (`follows` keys, so one set covers every kind).
+#[derive(Default)]
+struct FollowSet {
+    follows: HashSet<[u8; 17]>,
+    blocks: HashSet<[u8; 17]>,
 }
 
 /// Accumulates one write request into a `WriteBatch`, with an overlay of what the
@@ -241,10 +287,16 @@ struct BatchBuilder<'a> {
     unknown_pins: usize,
     /// Users whose follow or block lists this batch changes.
     follow_changes: HashSet<UserId>,
+    /// Viewers whose impressions the `seen` window is applied to after the batch.
+    seen_users: BTreeSet<UserId>,
+    /// Follow and block lists of users this batch changes, as it leaves them (loaded
+    /// on first use, for the per-user caps).
+    follow_sets: HashMap<UserId, FollowSet>,
+    now_ms: u64,
 }
 
 impl<'a> BatchBuilder<'a> {
-    fn new(shard: &'a Shard, next_ordinal: u32) -> Self {
+    fn new(shard: &'a Shard, next_ordinal: u32, now_ms: u64) -> Self {
         Self {
             shard,
             batch: WriteBatch::default(),
@@ -255,12 +307,34 @@ impl<'a> BatchBuilder<'a> {
             next_ordinal,
             unknown_pins: 0,
             follow_changes: HashSet::new(),
+            seen_users: BTreeSet::new(),
+            follow_sets: HashMap::new(),
+            now_ms,
         }
     }
 
     fn change(&mut self, cf: Cf, key: Vec<u8>, delta: Delta) {
         let slot = self.deltas.entry((cf, key)).or_default();
         *slot = std::mem::take(slot).then(&delta);
+    }
+
+    /// `user`'s follow and block keys as this batch leaves them so far.
+    fn follow_set(&mut self, user: UserId) -> Result<&mut FollowSet> {
+        use std::collections::hash_map::Entry;
+        match self.follow_sets.entry(user) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(e) => {
+                let f = self.shard.follows_cached(user)?;
+                let mut set = FollowSet::default();
+                set.follows.extend(f.users.iter().map(|u| follow_entry(user, FollowTarget::User(*u)).0));
+                set.follows.extend(f.boards.iter().map(|(board, owner)| {
+                    follow_entry(user, FollowTarget::Board { board: *board, owner: *owner }).0
+                }));
+                set.follows.extend(f.topics.iter().map(|t| follow_entry(user, FollowTarget::Topic(*t)).0));
+                set.blocks.extend(f.blocked.iter().map(|b| follow_key(user, EdgeKind::Blocked, b.get())));
+                Ok(e.insert(set))
+            }
+        }
     }
 
     fn board_owner(&mut self, board: BoardId) -> Result<Option<UserId>> {
@@ -335,20 +409,36 @@ impl<'a> BatchBuilder<'a> {
             Mutation::UpsertPin(p) => self.upsert_pin(p)?,
             Mutation::Follow { follower, target } => {
                 let (key, value) = follow_entry(*follower, *target);
+                let limit = shard.max_follows;
+                let follows = &mut self.follow_set(*follower)?.follows;
+                if follows.insert(key) && follows.len() > limit as usize {
+                    let count = follows.len();
+                    return Err(Error::TooMany { user: *follower, what: "follows", count, limit });
+                }
                 self.batch.put_cf(cf(Cf::Follows), key, value);
                 self.follow_changes.insert(*follower);
             }
             Mutation::Unfollow { follower, target } => {
                 let (key, _) = follow_entry(*follower, *target);
+                self.follow_set(*follower)?.follows.remove(&key);
                 self.batch.delete_cf(cf(Cf::Follows), key);
                 self.follow_changes.insert(*follower);
             }
             Mutation::BlockUser { user, blocked } => {
-                self.batch.put_cf(cf(Cf::Follows), follow_key(*user, EdgeKind::Blocked, blocked.get()), []);
+                let key = follow_key(*user, EdgeKind::Blocked, blocked.get());
+                let limit = shard.max_blocks;
+                let blocks = &mut self.follow_set(*user)?.blocks;
+                if blocks.insert(key) && blocks.len() > limit as usize {
+                    let count = blocks.len();
+                    return Err(Error::TooMany { user: *user, what: "blocks", count, limit });
+                }
+                self.batch.put_cf(cf(Cf::Follows), key, []);
                 self.follow_changes.insert(*user);
             }
             Mutation::UnblockUser { user, blocked } => {
-                self.batch.delete_cf(cf(Cf::Follows), follow_key(*user, EdgeKind::Blocked, blocked.get()));
+                let key = follow_key(*user, EdgeKind::Blocked, blocked.get());
+                self.follow_set(*user)?.blocks.remove(&key);
+                self.batch.delete_cf(cf(Cf::Follows), key);
                 self.follow_changes.insert(*user);
             }
             Mutation::DeletePin(pin) => {
@@ -384,8 +474,11 @@ impl<'a> BatchBuilder<'a> {
                     }
                 }
                 if !ordinals.is_empty() {
-                    self.change(Cf::Seen, u64_key(user.get()).to_vec(), Delta::add(ordinals));
+                    let period = self.shard.seen_window.period_start(self.now_ms);
+                    self.change(Cf::Seen, seen_key(*user, period), Delta::add(ordinals));
                 }
+                // Also with no pins: an empty `RecordImpressions` applies the window.
+                self.seen_users.insert(*user);
             }
             Mutation::UpdateSignals { pin, update } => {
                 if let Some((ordinal, mut rec)) = self.referenced_pin(*pin)? {
