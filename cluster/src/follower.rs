@@ -242,6 +242,12 @@ async fn round(
             mark_diverged(replica).await;
             Step::Rebuild
         }
+        Err(Error::Store(e @ StoreError::WritesStopped { .. })) => {
+            // The store logged its fault once; retried quietly, since nothing here
+            // changes until the node is restarted on a sound disk.
+            replica.stats.set_state(format!("not applying: {e}"));
+            Step::Retry
+        }
         Err(e) => {
             tracing::error!(shard, %leader, error = %e, "applying shipped batches failed");
             replica.stats.set_state(format!("apply failed: {e}"));

@@ -163,6 +163,9 @@ pub struct ReplicaStatus {
     pub fenced: bool,
     pub has_data: bool,
     pub diverged: bool,
+    /// Why the store stopped taking writes (no space, an I/O error, corruption), if it
+    /// did: it still serves reads.
+    pub fault: Option<String>,
 }
 
 impl ReplicaStatus {
@@ -700,6 +703,7 @@ impl Replica {
             fenced: self.is_fenced(),
             has_data: store.is_some(),
             diverged: self.is_diverged(),
+            fault: store.as_ref().and_then(|s| s.fault()),
         }
     }
 

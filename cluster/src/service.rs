@@ -71,6 +71,7 @@ pub fn store_status(e: StoreError) -> Status {
         StoreError::OwnerMismatch { .. } | StoreError::InvalidWrite(_) => Status::invalid_argument(msg),
         // A per-user cap, not load: RESOURCE_EXHAUSTED would read as "retry later".
         StoreError::TooMany { .. } => Status::failed_precondition(msg),
+        StoreError::WritesStopped { .. } => Status::unavailable(msg),
         StoreError::OrdinalsExhausted { .. } => Status::resource_exhausted(msg),
         StoreError::NotReplica
         | StoreError::SequenceMismatch { .. }
@@ -257,6 +258,7 @@ pub(crate) fn status_to_proto(s: &ReplicaStatus) -> ipb::ReplicaStatus {
         fenced: s.fenced,
         has_data: s.has_data,
         diverged: s.diverged,
+        fault: s.fault.clone().unwrap_or_default(),
     }
 }
 
@@ -318,6 +320,7 @@ pub fn status_from_proto(p: &ipb::ReplicaStatus) -> ReplicaStatus {
         fenced: p.fenced,
         has_data: p.has_data,
         diverged: p.diverged,
+        fault: Some(p.fault.clone()).filter(|f| !f.is_empty()),
     }
 }
 

@@ -36,6 +36,14 @@ pub enum Error {
     )]
     TooMany { user: UserId, what: &'static str, count: usize, limit: u32 },
 
+    /// The shard stopped taking writes after its store failed (no space left, an I/O
+    /// error, corruption); it keeps serving reads. A restart, once the disk is sound,
+    /// clears it.
+    #[error(
+        "shard {shard} stopped taking writes: {reason}; it still serves reads (restart the node once the disk is sound)"
+    )]
+    WritesStopped { shard: u32, reason: String },
+
     /// The shard holds 2^32 - 1 pins: no ordinal is left.
     #[error("ordinal space exhausted on shard {shard}")]
     OrdinalsExhausted { shard: u32 },
@@ -90,6 +98,17 @@ impl Error {
     pub(crate) fn corrupt(cf: impl CfName, key: &[u8], what: &'static str) -> Self {
         let key = key.iter().map(|b| format!("{b:02x}")).collect();
         Error::Corrupt { cf: cf.cf_name(), key, what }
+    }
+
+    /// Whether this is the store failing (the disk, or what is on it), rather than a
+    /// request or a replication position being wrong.
+    pub fn is_storage_fault(&self) -> bool {
+        use rocksdb::ErrorKind as K;
+        match self {
+            Error::Rocks(e) => matches!(e.kind(), K::IOError | K::Corruption),
+            Error::Io { .. } | Error::Corrupt { .. } => true,
+            _ => false,
+        }
     }
 
     /// `Ok` when the stored owner is the claimed one; `what` names the object.

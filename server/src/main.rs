@@ -1278,7 +1278,7 @@ async fn shard(args: ShardArgs) -> anyhow::Result<()> {
                             "applied_sequence": r.applied_sequence, "pins": r.pins, "leader": r.leader,
                             "leader_sequence": r.leader_sequence, "lag_sequences": r.lag_sequences, "lag_ms": r.lag_ms,
                             "applied_bytes_per_sec": r.applied_bytes_per_sec, "applied_bytes_total": r.applied_bytes_total,
-                            "readable": r.readable, "state": r.state,
+                            "readable": r.readable, "state": r.state, "fault": r.fault,
                             "followers": r.followers.iter().map(|f| serde_json::json!({"node": f.node, "applied_sequence": f.applied_sequence})).collect::<Vec<_>>(),
                             "wal_gaps": r.wal_gaps, "rebuilds": r.rebuilds, "stale_epoch_refusals": r.stale_epoch_refusals,
                             "checkpoint_resumes": r.checkpoint_resumes, "semi_sync_timeouts": r.semi_sync_timeouts,
@@ -1321,6 +1321,9 @@ async fn shard(args: ShardArgs) -> anyhow::Result<()> {
                     }
                     if !r.readable {
                         state = format!("{state}; NOT READABLE");
+                    }
+                    if !r.fault.is_empty() {
+                        state = format!("{state}; WRITES STOPPED: {}", r.fault);
                     }
                     println!(
                         "{:>5}  {:<8}  {:>5}  {:>10}  {:<21}  {:>7}  {:>7}  {:>8}  {state}",

@@ -115,6 +115,7 @@ struct ReplicaMetrics {
     lag_sequences: IntGaugeVec,
     lag_ms: IntGaugeVec,
     readable: IntGaugeVec,
+    writes_stopped: IntGaugeVec,
     applied_bytes_per_second: GaugeVec,
     applied_bytes: IntCounterVec,
     wal_gaps: IntCounterVec,
@@ -174,6 +175,10 @@ impl ReplicaMetrics {
                 "Follower: ms since the leader committed the newest batch applied (0 when caught up)",
             )?,
             readable: gauge("replica_readable", "1 when the replica serves reads")?,
+            writes_stopped: gauge(
+                "replica_writes_stopped",
+                "1 when the replica's store failed (no space, I/O error, corruption) and takes no writes",
+            )?,
             applied_bytes_per_second: rate,
             applied_bytes: counter("replica_applied_bytes_total", "WAL bytes applied by the follower")?,
             wal_gaps: counter(
@@ -242,6 +247,7 @@ impl ReplicaMetrics {
             self.lag_sequences.with_label_values(&[shard]).set(s.lag_sequences as i64);
             self.lag_ms.with_label_values(&[shard]).set(s.lag_ms as i64);
             self.readable.with_label_values(&[shard]).set(i64::from(s.readable));
+            self.writes_stopped.with_label_values(&[shard]).set(i64::from(s.fault.is_some()));
             self.applied_bytes_per_second.with_label_values(&[shard]).set(s.applied_bytes_per_sec);
             set_counter(&self.applied_bytes, shard, s.applied_bytes_total);
             set_counter(&self.wal_gaps, shard, s.wal_gaps);

@@ -144,6 +144,9 @@ pub struct Shard {
     seen_counters: seen::SeenCounters,
     max_follows: u32,
     max_blocks: u32,
+    /// Why the shard stopped taking writes, once its store failed (see
+    /// [`Shard::fault`]).
+    fault: RwLock<Option<String>>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -225,6 +228,7 @@ impl Shard {
             seen_counters: seen::SeenCounters::default(),
             max_follows: opts.max_follows,
             max_blocks: opts.max_blocks,
+            fault: RwLock::new(None),
         };
         shard.check_meta(opts.shard_id, leader)?;
         shard.rebuild_attributes()?;
@@ -349,6 +353,42 @@ impl Shard {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Why this shard stopped taking writes, if its store failed: RocksDB reported
+    /// no space, an I/O error or corruption on a write (RocksDB then refuses writes
+    /// itself until reopened), or a read met corruption (writing on top of it could
+    /// spread it). Reads continue. Cleared only by reopening.
+    pub fn fault(&self) -> Option<String> {
+        self.fault.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Passes `r` through, stopping writes if it is a storage fault (the first one is
+    /// kept and logged).
+    pub(crate) fn observe<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r
+            && e.is_storage_fault()
+        {
+            let mut fault = self.fault.write().unwrap_or_else(|e| e.into_inner());
+            if fault.is_none() {
+                tracing::error!(
+                    shard = self.id,
+                    path = %self.path.display(),
+                    error = %e,
+                    "store failed: the shard takes no more writes until it is reopened; it keeps serving reads"
+                );
+                *fault = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    /// `Err(WritesStopped)` once the store failed.
+    pub(crate) fn check_writable_store(&self) -> Result<()> {
+        match self.fault() {
+            Some(reason) => Err(Error::WritesStopped { shard: self.id, reason }),
+            None => Ok(()),
+        }
     }
 
     /// What this shard's read caches (bitmaps, follow lists) hold now.

@@ -22,6 +22,10 @@ impl Shard {
 
     /// The ordinal of a pin, if it exists on this shard.
     pub fn ordinal(&self, pin: PinId) -> Result<Option<u32>> {
+        self.observe(self.ordinal_unobserved(pin))
+    }
+
+    fn ordinal_unobserved(&self, pin: PinId) -> Result<Option<u32>> {
         let key = u64_key(pin.get());
         match self.db.get_pinned_cf(self.cf(Cf::PinIds), key)? {
             Some(v) => Ok(Some(
@@ -37,7 +41,7 @@ impl Shard {
     /// The stored record of the pin with this ordinal.
     pub fn pin_at(&self, ordinal: u32) -> Result<Option<PinRecord>> {
         let key = ordinal_key(ordinal);
-        match self.get(Cf::Pins, &key)? {
+        match self.observe(self.get(Cf::Pins, &key))? {
             Some(v) => PinRecord::decode(&v)
                 .map(Some)
                 .ok_or_else(|| Error::corrupt(Cf::Pins, &key, "bad pin record")),
@@ -80,15 +84,17 @@ impl Shard {
     }
 
     fn bitmap(&self, cf: Cf, key: &[u8]) -> Result<RoaringBitmap> {
-        match self.db.get_pinned_cf(self.cf(cf), key)? {
-            Some(v) => bitmap::decode_bitmap(&v).ok_or_else(|| Error::corrupt(cf, key, "bad bitmap")),
-            None => Ok(RoaringBitmap::new()),
-        }
+        self.observe(match self.db.get_pinned_cf(self.cf(cf), key) {
+            Ok(Some(v)) => bitmap::decode_bitmap(&v).ok_or_else(|| Error::corrupt(cf, key, "bad bitmap")),
+            Ok(None) => Ok(RoaringBitmap::new()),
+            Err(e) => Err(e.into()),
+        })
     }
 
     fn bitmaps(&self, cf: Cf, keys: Vec<Vec<u8>>) -> Result<Vec<RoaringBitmap>> {
         let handle = self.cf(cf);
-        self.db
+        let read = self
+            .db
             .batched_multi_get_cf(handle, keys.iter(), false)
             .into_iter()
             .zip(&keys)
@@ -96,7 +102,8 @@ impl Shard {
                 Some(v) => bitmap::decode_bitmap(&v).ok_or_else(|| Error::corrupt(cf, key, "bad bitmap")),
                 None => Ok(RoaringBitmap::new()),
             })
-            .collect()
+            .collect();
+        self.observe(read)
     }
 
     /// `bitmaps` of `ids` through the cache, in input order; the misses in one
@@ -217,6 +224,10 @@ impl Shard {
 
     /// A user's follow and block lists (empty for an unknown user).
     pub fn follows(&self, user: UserId) -> Result<Follows> {
+        self.observe(self.follows_unobserved(user))
+    }
+
+    fn follows_unobserved(&self, user: UserId) -> Result<Follows> {
         let prefix = u64_key(user.get());
         let mut out = Follows::default();
         let iter = self.db.iterator_cf(self.cf(Cf::Follows), IteratorMode::From(&prefix, Direction::Forward));

@@ -183,6 +183,10 @@ impl Shard {
 
     /// Every stored period of a viewer, oldest first (a key without a period first).
     pub(crate) fn seen_periods(&self, user: UserId) -> Result<Vec<Period>> {
+        self.observe(self.seen_periods_unobserved(user))
+    }
+
+    fn seen_periods_unobserved(&self, user: UserId) -> Result<Vec<Period>> {
         let prefix = u64_key(user.get());
         let mut out = Vec::new();
         let iter = self.db.iterator_cf(self.cf(Cf::Seen), IteratorMode::From(&prefix, Direction::Forward));

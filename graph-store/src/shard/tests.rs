@@ -730,3 +730,48 @@ fn follows_and_blocks_past_the_caps_are_refused_and_write_nothing() {
     .unwrap();
     assert_eq!(s.follows(uid(1)).unwrap().blocked, [uid(67)]);
 }
+
+// ------------------------------------------------------------------ a bad disk
+
+/// A corrupted file: a read that meets it fails with a typed error (no panic) and
+/// stops the shard's writes; what the corruption does not touch is still served.
+#[test]
+fn a_corrupted_file_stops_writes_and_keeps_other_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(dir.path());
+        let mut muts = vec![board(1, 10)];
+        muts.extend((1..=2000).map(|p| pin(p, 10, 1, p as i64, &[])));
+        s.write(&muts, Durability::Sync).unwrap();
+        // Only `user_pins` goes to an SST file; everything else stays in the WAL.
+        s.db.flush_cf(s.cf(Cf::UserPins)).unwrap();
+    }
+    let ssts: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sst"))
+        .collect();
+    assert_eq!(ssts.len(), 1, "{ssts:?}");
+    // Flip bytes inside the first data block (the index and footer, at the end, stay
+    // intact, so the file still opens).
+    let mut bytes = std::fs::read(&ssts[0]).unwrap();
+    for b in &mut bytes[8..40] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&ssts[0], bytes).unwrap();
+
+    let s = open(dir.path());
+    assert!(s.fault().is_none());
+    let e = s.user_pins(uid(10)).unwrap_err();
+    assert!(e.is_storage_fault(), "{e:?}");
+    assert!(s.fault().unwrap().contains("orruption"), "{:?}", s.fault());
+    // Other families still serve; writes are refused, with the reason.
+    assert!(s.pin(pid(5)).unwrap().is_some());
+    assert_eq!(s.board_pins(bid(1)).unwrap().len(), 2000);
+    let e = s.write(&[pin(5000, 10, 1, 1, &[])], Durability::Sync).unwrap_err();
+    assert!(matches!(&e, Error::WritesStopped { shard: 3, reason } if reason.contains("orruption")), "{e:?}");
+    // Reopened on a sound copy (here: the same files, the corruption left in place),
+    // the fence is gone until a read meets it again.
+    drop(s);
+    assert!(open(dir.path()).fault().is_none());
+}

@@ -138,16 +138,17 @@ impl Shard {
         effects: &Effects,
         durability: Durability,
     ) -> Result<u64> {
+        self.check_writable_store()?;
         if batch.is_empty() {
             // An empty batch would still become a WAL record (of no operations, which
             // followers refuse): only make what came before durable, if asked.
             if durability == Durability::Sync {
-                self.db.flush_wal(true)?;
+                self.stop_on_fault(self.db.flush_wal(true).map_err(Error::from))?;
             }
         } else {
             let count = batch.len() as u64;
             let data = self.recent_wants(batch.size_in_bytes()).then(|| batch.data().to_vec());
-            self.commit(batch, durability)?;
+            self.stop_on_fault(self.commit(batch, durability))?;
             self.remember(count, data);
         }
         self.cache.invalidate(
@@ -171,6 +172,15 @@ impl Shard {
         let sequence = self.latest_sequence();
         self.notify_commit(sequence);
         Ok(sequence)
+    }
+
+    /// A failed commit that is a storage fault stops the shard's writes, and is
+    /// reported as such (the caller's write was not applied).
+    fn stop_on_fault(&self, r: Result<()>) -> Result<()> {
+        self.observe(r).map_err(|e| match e.is_storage_fault() {
+            true => Error::WritesStopped { shard: self.id, reason: e.to_string() },
+            false => e,
+        })
     }
 
     pub(crate) fn commit(&self, batch: WriteBatch, durability: Durability) -> Result<()> {
