@@ -189,6 +189,8 @@ pub(crate) struct ReplicaSetup {
     pub(crate) opts: ShardOptions,
     pub(crate) cfg: Arc<ReplicationConfig>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Why the store did not open at start, if it did not.
+    pub(crate) open_fault: Option<String>,
 }
 
 struct FollowerTask {
@@ -219,6 +221,9 @@ pub struct Replica {
     fenced: AtomicBool,
     /// Fences so far: a transition clears `fenced` only if none came while it ran.
     fences: AtomicU64,
+    /// Why the store could not be opened at start (corruption, an I/O error): the
+    /// replica stays offline without data until the node is restarted on a sound copy.
+    open_fault: Mutex<Option<String>>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -238,7 +243,7 @@ impl Replica {
         role: Role,
         promised: u64,
     ) -> Result<Arc<Replica>> {
-        let ReplicaSetup { shard, node_id, paths, opts, cfg, shutdown } = setup;
+        let ReplicaSetup { shard, node_id, paths, opts, cfg, shutdown, open_fault } = setup;
         let latest = store.as_ref().map_or(0, |s| s.latest_sequence());
         let marker = paths.rebuild.clone();
         let diverged = blocking(move || Ok(marker.exists())).await?;
@@ -266,6 +271,7 @@ impl Replica {
             diverged: AtomicBool::new(diverged),
             fenced: AtomicBool::new(false),
             fences: AtomicU64::new(0),
+            open_fault: Mutex::new(None),
             shutdown,
         });
         if let Some(store) = store {
@@ -292,6 +298,10 @@ impl Replica {
                 replica.stats.set_state(if role == Role::Offline { "offline" } else { "starting" });
             }
         }
+        // Before the follower starts: its bootstrap installs data, which ends the fault.
+        if let Some(reason) = open_fault {
+            replica.set_open_fault(reason);
+        }
         replica.role.lock().unwrap_or_else(|e| e.into_inner()).role = fence_role;
         if let Role::Follower { leader, epoch } = role {
             replica.start_follower(leader, epoch);
@@ -313,6 +323,9 @@ impl Replica {
     }
 
     pub(crate) fn put_store(&self, store: Arc<Shard>) {
+        // New data (a checkpoint installed over a store that did not open) ends the
+        // open fault.
+        *self.open_fault.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let leader = self.leader.clone();
         store.set_commit_listener(Some(Arc::new(move |seq| leader.on_commit(seq))));
         *self.store.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
@@ -703,8 +716,17 @@ impl Replica {
             fenced: self.is_fenced(),
             has_data: store.is_some(),
             diverged: self.is_diverged(),
-            fault: store.as_ref().and_then(|s| s.fault()),
+            fault: store
+                .as_ref()
+                .and_then(|s| s.fault())
+                .or_else(|| self.open_fault.lock().unwrap_or_else(|e| e.into_inner()).clone()),
         }
+    }
+
+    /// Records that the store failed to open: the replica stays offline, and says why.
+    pub(crate) fn set_open_fault(&self, reason: String) {
+        self.stats.set_state(format!("offline: the store did not open: {reason}"));
+        *self.open_fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
     }
 
     /// No work outside this replica holds its store (a restart can reopen it).

@@ -78,9 +78,19 @@ impl Replicas {
 
     /// A node without a placement: every shard given (opened as leaders) is a leader at
     /// the newest epoch of its history — 0 for a shard that never replicated — unless
-    /// the replica remembers another role from an earlier transition.
-    pub async fn standalone(setup: NodeSetup, shards: Vec<Arc<Shard>>) -> Result<Arc<Replicas>> {
+    /// the replica remembers another role from an earlier transition. The shards in
+    /// `unopened` (with why their stores failed to open) are held offline without
+    /// data, so the node serves the others and reports them.
+    pub async fn standalone(
+        setup: NodeSetup,
+        shards: Vec<Arc<Shard>>,
+        unopened: Vec<(u32, String)>,
+    ) -> Result<Arc<Replicas>> {
         let this = Arc::new(blocking(move || Replicas::new(setup)).await?);
+        for (shard, reason) in unopened {
+            let paths = ShardPaths::new(&this.data_dir, shard);
+            this.add(shard, paths, None, Role::Offline, 0, Some(reason)).await?;
+        }
         for store in shards {
             let shard = store.id();
             let paths = ShardPaths::new(&this.data_dir, shard);
@@ -93,7 +103,7 @@ impl Replicas {
                     (Role::Leader { epoch }, epoch)
                 }
             };
-            this.add(shard, paths, Some(store), role, promised).await?;
+            this.add(shard, paths, Some(store), role, promised, None).await?;
         }
         Ok(this)
     }
@@ -138,7 +148,7 @@ impl Replicas {
             };
             let (p, opts) = (paths.clone(), (this.options)(shard));
             let (role, known_before) = (state.role.clone(), remembered_state.is_some());
-            let store = blocking(move || {
+            let opened = blocking(move || {
                 p.recover()?;
                 Ok(match (p.live.exists(), role) {
                     (true, Role::Leader { .. }) => Some(Arc::new(Shard::open(&p.live, &opts)?)),
@@ -153,11 +163,19 @@ impl Replicas {
                         )));
                     }
                     (false, Role::Leader { .. }) => Some(Arc::new(Shard::open(&p.live, &opts)?)),
-                    (true, _) => Some(Arc::new(Shard::open_replica(&p.live, &opts)?)),
+                    // A follower whose store does not open (a bad disk, corruption) is
+                    // held without data, so it bootstraps from its leader.
+                    (true, _) => match Shard::open_replica(&p.live, &opts) {
+                        Ok(store) => Some(Arc::new(store)),
+                        Err(e) if e.is_storage_fault() => return Ok((None, Some(e.to_string()))),
+                        Err(e) => return Err(e.into()),
+                    },
                     (false, _) => None,
                 })
+                .map(|store| (store, None))
             })
             .await?;
+            let (store, open_fault): (Option<Arc<Shard>>, Option<String>) = opened;
             // A term is begun once: a replica whose data already holds the placed
             // epoch, and that did not lead it, would be a second leader of that epoch.
             if let (Role::Leader { epoch }, Some(store)) = (&state.role, &store)
@@ -173,7 +191,7 @@ impl Replicas {
                 let (s, path) = (state.clone(), paths.state.clone());
                 blocking(move || s.store(&path)).await?;
             }
-            this.add(shard, paths, store, state.role, state.promised).await.map_err(|e| match e {
+            this.add(shard, paths, store, state.role, state.promised, open_fault).await.map_err(|e| match e {
                 Error::StaleEpoch { given, current, .. } => Error::Placement(format!(
                     "shard {shard}: the placement says epoch {given} but the data is already at epoch {current}; raise the epoch"
                 )),
@@ -194,15 +212,21 @@ impl Replicas {
             let paths = ShardPaths::new(&this.data_dir, shard);
             let (p, opts) = (paths.clone(), (this.options)(shard));
             let opened = blocking(move || {
-                let store = p.open_existing(&opts)?;
+                // A store that does not open (a bad disk, corruption) is held without
+                // data: the controller makes it a follower, which bootstraps.
+                let (store, open_fault) = match p.open_existing(&opts) {
+                    Ok(store) => (store, None),
+                    Err(Error::Store(e)) if e.is_storage_fault() => (None, Some(e.to_string())),
+                    Err(e) => return Err(e),
+                };
                 let remembered = RoleState::load(&p.state)?;
-                if remembered.is_none() && store.is_none() {
+                if remembered.is_none() && store.is_none() && open_fault.is_none() {
                     return Ok(None);
                 }
-                Ok(Some((remembered, store)))
+                Ok(Some((remembered, store, open_fault)))
             })
             .await?;
-            let Some((remembered, store)) = opened else { continue };
+            let Some((remembered, store, open_fault)) = opened else { continue };
             let state = match &remembered {
                 Some(RoleState { role: Role::Leader { .. }, promised }) => {
                     RoleState { role: Role::Offline, promised: *promised }
@@ -214,7 +238,10 @@ impl Replicas {
                 let (s, path) = (state.clone(), paths.state.clone());
                 blocking(move || s.store(&path)).await?;
             }
-            this.add(shard, paths, store, state.role, state.promised).await?;
+            if let Some(reason) = &open_fault {
+                tracing::error!(shard, error = %reason, "the replica's store did not open; holding it without data");
+            }
+            this.add(shard, paths, store, state.role, state.promised, open_fault).await?;
         }
         Ok(this)
     }
@@ -226,6 +253,7 @@ impl Replicas {
         store: Option<Arc<Shard>>,
         role: Role,
         promised: u64,
+        open_fault: Option<String>,
     ) -> Result<Arc<Replica>> {
         let setup = ReplicaSetup {
             shard,
@@ -234,6 +262,7 @@ impl Replicas {
             opts: (self.options)(shard),
             cfg: self.cfg.clone(),
             shutdown: self.shutdown.subscribe(),
+            open_fault,
         };
         let replica = Replica::start(setup, store, role, promised).await?;
         self.replicas.write().unwrap_or_else(|e| e.into_inner()).insert(shard, replica.clone());
@@ -301,7 +330,7 @@ impl Replicas {
                 let paths = ShardPaths::new(&self.data_dir, shard);
                 let (p, opts) = (paths.clone(), (self.options)(shard));
                 let store = blocking(move || p.open_existing(&opts)).await?;
-                self.add(shard, paths, store, Role::Offline, 0).await?
+                self.add(shard, paths, store, Role::Offline, 0, None).await?
             }
         };
         if create_empty

@@ -120,15 +120,41 @@ fn check_data_dir(config: &Config) -> Result<(), Error> {
 /// leader, sharing one RocksDB memory budget, after checking that the directory was
 /// made with the configured shard count. Blocking.
 pub fn open_shards(config: &Config) -> Result<Vec<Arc<Shard>>, Error> {
+    let (shards, unopened) = open_shards_serving(config, false)?;
+    debug_assert!(unopened.is_empty());
+    Ok(shards)
+}
+
+/// Shards whose stores did not open, with why.
+type Unopened = Vec<(u32, String)>;
+
+/// [`open_shards`] for serving: with `lenient`, a shard whose store fails to open
+/// because of the disk or what is on it (corruption, an I/O error) is logged and
+/// returned with the reason instead, so the node can serve the others; it fails if no
+/// shard opens (another process holding every store's lock, say).
+fn open_shards_serving(config: &Config, lenient: bool) -> Result<(Vec<Arc<Shard>>, Unopened), Error> {
     check_data_dir(config)?;
     let memory = config.store_memory();
     let started = std::time::Instant::now();
-    let shards: Vec<Arc<Shard>> = (0..config.shards)
-        .map(|i| {
-            let path = config.data_dir.join(format!("shard-{i:03}"));
-            Ok(Arc::new(Shard::open(path, &config.shard_options(i, &memory))?))
-        })
-        .collect::<Result<_, Error>>()?;
+    let (mut shards, mut unopened) = (Vec::new(), Vec::new());
+    let mut first_error = None;
+    for i in 0..config.shards {
+        let path = config.data_dir.join(format!("shard-{i:03}"));
+        match Shard::open(&path, &config.shard_options(i, &memory)) {
+            Ok(s) => shards.push(Arc::new(s)),
+            Err(e) if lenient && e.is_storage_fault() => {
+                tracing::error!(shard = i, path = %path.display(), error = %e, "the shard's store did not open; serving the other shards without it");
+                unopened.push((i, e.to_string()));
+                first_error.get_or_insert(e);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if shards.is_empty()
+        && let Some(e) = first_error
+    {
+        return Err(e.into());
+    }
     let pins: u64 = shards.iter().map(|s| u64::from(s.next_ordinal())).sum();
     tracing::info!(
         shards = shards.len(),
@@ -136,7 +162,7 @@ pub fn open_shards(config: &Config) -> Result<Vec<Arc<Shard>>, Error> {
         seconds = started.elapsed().as_secs_f64(),
         "shards opened (attribute rows rebuilt)"
     );
-    Ok(shards)
+    Ok((shards, unopened))
 }
 
 /// The key cursors are signed with: read from the data directory, created on first use.
@@ -284,8 +310,8 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     match &config.placement {
         None => {
             let cfg = config.clone();
-            let shards = blocking(move || open_shards(&cfg)).await?;
-            start_with(config, shards).await
+            let (shards, unopened) = blocking(move || open_shards_serving(&cfg, true)).await?;
+            start_standalone(config, shards, unopened).await
         }
         Some(path) => {
             let placement = Placement::from_file(path)?;
@@ -384,6 +410,16 @@ fn node_setup(
 /// Serves already opened shards (see [`open_shards`]) as a standalone node: every
 /// shard a local leader at its epoch (unless a replica remembers another role).
 pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node, Error> {
+    start_standalone(config, shards, Vec::new()).await
+}
+
+/// [`start_with`], holding the shards in `unopened` offline (with why their stores did
+/// not open).
+async fn start_standalone(
+    config: Config,
+    shards: Vec<Arc<Shard>>,
+    unopened: Vec<(u32, String)>,
+) -> Result<Node, Error> {
     config.validate()?;
     let incoming = bind(config.listen)?;
     let grpc_addr = incoming.local_addr().map_err(io("gRPC listener address"))?;
@@ -391,7 +427,8 @@ pub async fn start_with(config: Config, shards: Vec<Arc<Shard>>) -> Result<Node,
     let cfg = config.clone();
     let security = blocking(move || Security::load(&cfg)).await?;
     let replicas =
-        Replicas::standalone(node_setup(&config, grpc_addr.to_string(), memory, &security), shards).await?;
+        Replicas::standalone(node_setup(&config, grpc_addr.to_string(), memory, &security), shards, unopened)
+            .await?;
     serve(config, security, replicas, Mode::Standalone, incoming).await
 }
 

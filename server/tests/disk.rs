@@ -187,3 +187,66 @@ async fn a_full_disk_stops_one_shards_writes_and_loses_nothing_acknowledged() {
     write(&mut g, vec![pin(next + 1, full, full * 10)]).await.unwrap();
     assert_eq!(replica_status(&addr).await.iter().map(|r| r.fault.as_str()).collect::<Vec<_>>(), ["", ""]);
 }
+
+/// A shard whose store does not open — here its pin records, read at open, sit on a
+/// corrupted file — is held offline and reported, and the node serves its other shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_whose_store_does_not_open_is_held_offline_while_the_others_serve() {
+    use feedgraph_model::{Board, BoardId, Durability, Mutation, Pin, PinId};
+    let dir = tempfile::tempdir().unwrap();
+    let config = feedgraph_server::Config {
+        data_dir: dir.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        shards: SHARDS,
+        ..Default::default()
+    };
+    let (good, bad) = (owner_on(0), owner_on(1));
+    {
+        let shards = feedgraph_server::open_shards(&config).unwrap();
+        for (shard, owner) in [(0, good), (1, bad)] {
+            let o = UserId::new(owner).unwrap();
+            let b = BoardId::new(owner * 10).unwrap();
+            let mut muts = vec![Mutation::UpsertBoard(Board { id: b, owner: o, name: "b".into() })];
+            muts.extend((1..=500).map(|p| {
+                Mutation::UpsertPin(Pin {
+                    id: PinId::new(owner * 1000 + p).unwrap(),
+                    owner: o,
+                    board: b,
+                    created_at_ms: NOW,
+                    topics: Vec::new(),
+                    signals: Default::default(),
+                })
+            }));
+            shards[shard].write(&muts, Durability::Sync).unwrap();
+            shards[shard].flush().unwrap();
+        }
+    }
+    // Flip bytes in the first data block of every table file of shard 1.
+    for entry in std::fs::read_dir(dir.path().join("shard-001")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|x| x == "sst") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            for b in &mut bytes[8..40] {
+                *b ^= 0x5a;
+            }
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+
+    let node = feedgraph_server::start(config).await.unwrap();
+    let addr = node.grpc_addr().to_string();
+    let mut g = connect(&addr, Duration::from_secs(10)).await;
+    assert!(g.get_pin(get(good, good * 1000 + 7)).await.unwrap().into_inner().found);
+    let refused = g.get_pin(get(bad, bad * 1000 + 7)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    write(&mut g, vec![pin(good * 1000 + 900, good, good * 10)]).await.unwrap();
+    let refused = write(&mut g, vec![pin(bad * 1000 + 900, bad, bad * 10)]).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let status = replica_status(&addr).await;
+    let of = |shard: u32| status.iter().find(|r| r.shard == shard).unwrap();
+    assert!(of(1).fault.contains("orruption"), "{:?}", of(1));
+    assert!(!of(1).has_data && of(1).state.contains("did not open"), "{:?}", of(1));
+    assert!(of(0).fault.is_empty() && of(0).has_data);
+    node.shutdown().await.unwrap();
+}

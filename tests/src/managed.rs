@@ -322,6 +322,11 @@ impl ManagedCluster {
         }
     }
 
+    /// Node `id`'s data directory.
+    pub fn data_dir(&self, id: &str) -> &std::path::Path {
+        &self.configs[id].data_dir
+    }
+
     pub fn is_running(&self, id: &str) -> bool {
         self.running.contains_key(id)
     }

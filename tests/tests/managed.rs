@@ -384,3 +384,60 @@ fn nodes_join_and_drain_while_feeds_are_read() {
     assert!(reads.load(Ordering::Relaxed) > 100);
     assert!(failures.is_empty(), "failed reads: {:?}", &failures[..failures.len().min(10)]);
 }
+
+/// A node restarted on a store that does not open (its MANIFEST corrupted while it was
+/// down) starts anyway: it reports the fault, holds that replica without data, and the
+/// controller's follower role makes it bootstrap from the leader, so the replica is
+/// whole again without an operator.
+#[test]
+fn a_replica_whose_store_does_not_open_is_rebuilt_from_its_leader() {
+    let shards = 2;
+    let rt = driver();
+    let mut cluster = ManagedCluster::start(&["a", "b", "c"], shards, 3, |_, _| {});
+    rt.block_on(cluster.converged(Duration::from_secs(60)));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    rt.block_on(async {
+        let mut client = graph(&cluster.addr("a")).await;
+        client.write(write((1..=10).map(user).collect(), pb::Ack::SemiSync)).await.unwrap();
+        client.write(write((1..=10).map(|u| board(1000 + u, u)).collect(), pb::Ack::SemiSync)).await.unwrap();
+        let pins = (1..=10u64)
+            .flat_map(|u| (0..20).map(move |k| pin(u * 100 + k, u, 1000 + u, now - k as i64, vec![], 0.5)));
+        client.write(write(pins.collect(), pb::Ack::SemiSync)).await.unwrap();
+    });
+    rt.block_on(cluster.caught_up(Duration::from_secs(60)));
+    cluster.stop("c");
+    let shard_dir = cluster.data_dir("c").join("shard-000");
+    let manifest = std::fs::read_dir(&shard_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("MANIFEST-"))
+        .expect("a MANIFEST");
+    let mut bytes = std::fs::read(&manifest).unwrap();
+    let (middle, len) = (bytes.len() / 2, bytes.len());
+    for b in &mut bytes[middle.saturating_sub(16)..(middle + 16).min(len)] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&manifest, bytes).unwrap();
+
+    cluster.start_node("c");
+    // At first the replica says why it has no data (unless the bootstrap already won).
+    let first = cluster.node("c").replicas().get(0).unwrap().status();
+    eprintln!(
+        "c's shard 0 at start: has_data {}, fault {:?}, state {}",
+        first.has_data, first.fault, first.state
+    );
+    assert!(first.fault.as_deref().is_some_and(|f| f.contains("orruption")) || first.has_data, "{first:?}");
+    let status = rt.block_on(cluster.wait_for(Duration::from_secs(90), "c's shard 0 rebuilt", |s| {
+        s.converged()
+            && s.reports.get("c").and_then(|r| r.as_ref().ok()).is_some_and(|r| {
+                r.iter().any(|r| r.shard == 0 && r.has_data && r.fault.is_none() && r.lag_sequences == 0)
+            })
+    }));
+    assert!(status.view.shards[0].as_ref().unwrap().holds("c"));
+    rt.block_on(cluster.caught_up(Duration::from_secs(60)));
+    let digests: BTreeSet<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| cluster.node(n).replicas().get(0).unwrap().store().unwrap().digest().unwrap().0)
+        .collect();
+    assert_eq!(digests.len(), 1, "shard 0's replicas differ after the rebuild");
+}
