@@ -23,6 +23,8 @@
 
 mod checkpoint;
 mod follower;
+#[doc(hidden)]
+pub mod fuzz_targets;
 mod leader;
 pub mod manager;
 pub mod net;

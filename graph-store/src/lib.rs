@@ -30,6 +30,8 @@
 mod attrs;
 pub mod bitmap;
 mod error;
+#[doc(hidden)]
+pub mod fuzz_targets;
 mod record;
 mod shard;
 

@@ -13,7 +13,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
 const VERSION: u8 = 1;
-const TAG_BYTES: usize = 16;
+pub(crate) const TAG_BYTES: usize = 16;
 /// Longest cursor accepted, in characters.
 pub const MAX_CURSOR_CHARS: usize = 4096;
 
@@ -55,7 +55,7 @@ impl CursorCodec {
         Self { key }
     }
 
-    fn mac(&self) -> Hmac<Sha256> {
+    pub(crate) fn mac(&self) -> Hmac<Sha256> {
         // HMAC accepts keys of any length.
         #[allow(clippy::expect_used)]
         Hmac::<Sha256>::new_from_slice(&self.key).expect("hmac takes any key length")

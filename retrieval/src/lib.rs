@@ -22,6 +22,8 @@
 pub mod broker;
 pub mod cursor;
 pub mod features;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod query;
 pub mod rank;
 pub mod shards;

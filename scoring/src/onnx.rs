@@ -28,7 +28,7 @@ impl Network {
     /// Loads an ONNX model taking `features` inputs per row; `origin` names it in errors.
     pub fn load(bytes: &[u8], features: usize, origin: &str) -> Result<Self> {
         let invalid = |reason: String| Error::InvalidModel { path: origin.to_string(), reason };
-        let plan = (|| -> TractResult<Arc<TypedRunnableModel>> {
+        let build = || -> TractResult<Arc<TypedRunnableModel>> {
             let model = tract_onnx::onnx().model_for_read(&mut &bytes[..])?;
             let batch = model.sym("N");
             model
@@ -36,8 +36,13 @@ impl Network {
                 .with_output_fact(0, InferenceFact::default())?
                 .into_optimized()?
                 .into_runnable()
-        })()
-        .map_err(|e| invalid(format!("onnx: {e:#}")))?;
+        };
+        // tract panics on some malformed graphs (an input naming no node: found by
+        // fuzzing, fuzz/corpus/onnx_model/regression-*): a bad file is refused, not a
+        // crash of the reload loop.
+        let plan = std::panic::catch_unwind(build)
+            .map_err(|_| invalid("onnx: the model is malformed (the ONNX loader panicked on it)".into()))?
+            .map_err(|e| invalid(format!("onnx: {e:#}")))?;
         let network = Network { plan, features };
         // A probe row proves the output has one score per row.
         let probe = network.predict(&vec![0.0; features * 2]).map_err(|e| invalid(e.to_string()))?;
@@ -66,7 +71,11 @@ impl Network {
             let out = outputs.first().ok_or_else(|| TractError::msg("model gave no output"))?;
             Ok(out.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
         };
-        let scores = run().map_err(|e| Error::Internal(format!("onnx run: {e:#}")))?;
+        // The plan is only read by a run (its state is made per call), so a panic
+        // leaves nothing half-changed behind.
+        let scores = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+            .map_err(|_| Error::Internal("onnx run: the runtime panicked on this model".into()))?
+            .map_err(|e| Error::Internal(format!("onnx run: {e:#}")))?;
         if scores.len() != n {
             return Err(Error::Internal(format!("model gave {} scores for {n} rows", scores.len())));
         }
