@@ -167,7 +167,7 @@ impl Replicas {
                     // held without data, so it bootstraps from its leader.
                     (true, _) => match Shard::open_replica(&p.live, &opts) {
                         Ok(store) => Some(Arc::new(store)),
-                        Err(e) if e.is_storage_fault() => return Ok((None, Some(e.to_string()))),
+                        Err(e) if e.is_corruption() => return Ok((None, Some(e.to_string()))),
                         Err(e) => return Err(e.into()),
                     },
                     (false, _) => None,
@@ -216,7 +216,7 @@ impl Replicas {
                 // data: the controller makes it a follower, which bootstraps.
                 let (store, open_fault) = match p.open_existing(&opts) {
                     Ok(store) => (store, None),
-                    Err(Error::Store(e)) if e.is_storage_fault() => (None, Some(e.to_string())),
+                    Err(Error::Store(e)) if e.is_corruption() => (None, Some(e.to_string())),
                     Err(e) => return Err(e),
                 };
                 let remembered = RoleState::load(&p.state)?;

@@ -121,26 +121,39 @@ pub fn measure(target: Target, input: &[u8]) -> Cost {
 }
 
 thread_local! {
-    /// The last panic on this thread, as the quiet hook recorded it.
+    /// The last panic inside [`check`] on this thread, as the hook recorded it.
     static LAST_PANIC: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    static IN_CHECK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Replaces the panic hook (once per process) with one that records the message and
-/// location for [`check`]'s report: the default hook may capture and symbolize a
-/// backtrace, whose allocations would be charged to the input.
-fn quiet_panics() {
+/// Wraps the panic hook (once per process): inside [`check`] it records the message and
+/// location for the report (the default hook may capture and symbolize a backtrace,
+/// whose allocations would be charged to the input); elsewhere the previous hook runs,
+/// so a test's own failures still print.
+fn quiet_panics_in_check() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        std::panic::set_hook(Box::new(|info| LAST_PANIC.with(|p| *p.borrow_mut() = info.to_string())));
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if IN_CHECK.with(|c| c.get()) {
+                LAST_PANIC.with(|p| *p.borrow_mut() = info.to_string());
+            } else {
+                previous(info);
+            }
+        }));
     });
 }
 
-/// Checks one input: no panic, and within the time and memory bounds. Installs a quiet
-/// panic hook for the whole process on first use.
+/// Checks one input: no panic, and within the time and memory bounds. One input at a
+/// time in the process: the heap counters are process-wide.
 pub fn check(name: &str, target: Target, input: &[u8]) -> Result<Cost, String> {
-    quiet_panics();
-    let cost = std::panic::catch_unwind(|| measure(target, input))
-        .map_err(|_| format!("{name}: {}", LAST_PANIC.with(|p| p.borrow().clone())))?;
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    quiet_panics_in_check();
+    IN_CHECK.with(|c| c.set(true));
+    let result = std::panic::catch_unwind(|| measure(target, input));
+    IN_CHECK.with(|c| c.set(false));
+    let cost = result.map_err(|_| format!("{name}: {}", LAST_PANIC.with(|p| p.borrow().clone())))?;
     if cost.millis > MAX_MILLIS_PER_INPUT {
         return Err(format!("{name}: took {} ms (at most {MAX_MILLIS_PER_INPUT})", cost.millis));
     }

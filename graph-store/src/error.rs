@@ -100,13 +100,30 @@ impl Error {
         Error::Corrupt { cf: cf.cf_name(), key, what }
     }
 
-    /// Whether this is the store failing (the disk, or what is on it), rather than a
-    /// request or a replication position being wrong.
+    /// Whether this is the store failing — corrupted data, or a disk that is full,
+    /// failing or read-only — rather than a request, a replication position, or the
+    /// process's own resources (a lock another process holds, open files, permissions)
+    /// being wrong.
     pub fn is_storage_fault(&self) -> bool {
-        use rocksdb::ErrorKind as K;
+        const DISK: [&str; 3] = ["No space left on device", "Input/output error", "Read-only file system"];
         match self {
-            Error::Rocks(e) => matches!(e.kind(), K::IOError | K::Corruption),
-            Error::Io { .. } | Error::Corrupt { .. } => true,
+            Error::Rocks(e) => match e.kind() {
+                rocksdb::ErrorKind::Corruption => true,
+                rocksdb::ErrorKind::IOError => DISK.iter().any(|d| e.as_ref().contains(d)),
+                _ => false,
+            },
+            Error::Corrupt { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the data itself is corrupted: the one fault for which a store that does
+    /// not open may be replaced (a follower bootstraps over it). A full disk or a lock
+    /// held by another process must not cost a good copy.
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            Error::Rocks(e) => e.kind() == rocksdb::ErrorKind::Corruption,
+            Error::Corrupt { .. } => true,
             _ => false,
         }
     }

@@ -624,6 +624,12 @@ impl Config {
                 "must be at least store.seen_period_hours and at most ten years",
             ));
         }
+        if st.seen_window_hours / st.seen_period_hours > 1000 {
+            return Err(invalid(
+                "store.seen_period_hours",
+                "at most 1000 periods per window (seen_window_hours / seen_period_hours): longer periods",
+            ));
+        }
         if st.seen_max_entries == 0 || st.seen_max_entries > 10_000_000 {
             return Err(invalid("store.seen_max_entries", "must be in 1..=10000000"));
         }

@@ -129,8 +129,7 @@ pub fn open_shards(config: &Config) -> Result<Vec<Arc<Shard>>, Error> {
 type Unopened = Vec<(u32, String)>;
 
 /// [`open_shards`] for serving: with `lenient`, a shard whose store fails to open
-/// because of the disk or what is on it (corruption, an I/O error) is logged and
-/// returned with the reason instead, so the node can serve the others; it fails if no
+/// because its data is corrupted is logged and returned with the reason instead, so the node can serve the others; it fails if no
 /// shard opens (another process holding every store's lock, say).
 fn open_shards_serving(config: &Config, lenient: bool) -> Result<(Vec<Arc<Shard>>, Unopened), Error> {
     check_data_dir(config)?;
@@ -142,7 +141,7 @@ fn open_shards_serving(config: &Config, lenient: bool) -> Result<(Vec<Arc<Shard>
         let path = config.data_dir.join(format!("shard-{i:03}"));
         match Shard::open(&path, &config.shard_options(i, &memory)) {
             Ok(s) => shards.push(Arc::new(s)),
-            Err(e) if lenient && e.is_storage_fault() => {
+            Err(e) if lenient && e.is_corruption() => {
                 tracing::error!(shard = i, path = %path.display(), error = %e, "the shard's store did not open; serving the other shards without it");
                 unopened.push((i, e.to_string()));
                 first_error.get_or_insert(e);

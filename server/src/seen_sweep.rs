@@ -72,6 +72,12 @@ pub async fn sweep(replica: &Replica) -> Result<usize, feedgraph_cluster::Error>
             replica.write(writes, Ack::Async, epoch).await?;
         }
         match page.next {
+            // A page that ends inside the viewer it started from (more keys than a
+            // page) moves on to the next viewer rather than read the same keys again.
+            Some(next) if Some(next) == from => match UserId::new(next.get().saturating_add(1)) {
+                Some(after) if after != next => from = Some(after),
+                _ => return Ok(swept),
+            },
             Some(next) => from = Some(next),
             None => return Ok(swept),
         }
