@@ -38,6 +38,23 @@ pub fn log_if_asked() {
 /// range: a port the kernel hands out (port 0) can be taken by any outgoing connection
 /// (a node's own, to another node or to etcd) between this call and the node's bind,
 /// and a restarted node could not get its port back.
+/// A node's `/metrics` text (HTTP/1.1 GET), bounded in time.
+pub async fn metrics_text(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bounded = Duration::from_secs(5);
+    let mut s = tokio::time::timeout(bounded, tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("metrics port answers in time")
+        .expect("metrics port accepts");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("request sent");
+    let mut out = String::new();
+    tokio::time::timeout(bounded, s.read_to_string(&mut out))
+        .await
+        .expect("metrics read in time")
+        .expect("metrics read");
+    out
+}
+
 pub fn free_ports(n: usize) -> Vec<u16> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static DRAWS: AtomicU64 = AtomicU64::new(0);

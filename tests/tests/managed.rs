@@ -25,6 +25,22 @@ async fn graph(
     pb::graph_service_client::GraphServiceClient::new(channel)
 }
 
+/// Users 1 ..= the last owner; for each owner a board (1000 + owner) and `pins_each`
+/// pins a minute apart, written semi-sync through `addr`.
+async fn seed(addr: &str, owners: std::ops::RangeInclusive<u64>, pins_each: u64) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let mut client = graph(addr).await;
+    client.write(write((1..=*owners.end()).map(user).collect(), pb::Ack::SemiSync)).await.unwrap();
+    client
+        .write(write(owners.clone().map(|u| board(1000 + u, u)).collect(), pb::Ack::SemiSync))
+        .await
+        .unwrap();
+    let pins = owners.flat_map(|u| {
+        (0..pins_each).map(move |k| pin(u * 100 + k, u, 1000 + u, now - k as i64 * 60_000, vec![], 0.5))
+    });
+    client.write(write(pins.collect(), pb::Ack::SemiSync)).await.unwrap();
+}
+
 /// One acknowledged semi-sync write: `follower` follows user 1.
 #[derive(Clone, Copy, Debug)]
 struct Acked {
@@ -305,16 +321,9 @@ fn nodes_join_and_drain_while_feeds_are_read() {
     let rt = driver();
     let mut cluster = ManagedCluster::start(&["a", "b", "c"], shards, 3, |_, _| {});
     rt.block_on(cluster.converged(Duration::from_secs(60)));
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     rt.block_on(async {
+        seed(&cluster.addr("a"), 2..=21, 5).await;
         let mut client = graph(&cluster.addr("a")).await;
-        let users: Vec<u64> = (1..=21).collect();
-        client.write(write(users.iter().map(|u| user(*u)).collect(), pb::Ack::SemiSync)).await.unwrap();
-        client.write(write((2..=21).map(|u| board(1000 + u, u)).collect(), pb::Ack::SemiSync)).await.unwrap();
-        let pins = (2..=21u64).flat_map(|u| {
-            (0..5).map(move |k| pin(u * 100 + k, u, 1000 + u, now - k as i64 * 60_000, vec![], 0.5))
-        });
-        client.write(write(pins.collect(), pb::Ack::SemiSync)).await.unwrap();
         client.write(write((2..=21).map(|u| follow_user(1, u)).collect(), pb::Ack::SemiSync)).await.unwrap();
     });
     rt.block_on(cluster.caught_up(Duration::from_secs(60)));
@@ -395,15 +404,7 @@ fn a_replica_whose_store_does_not_open_is_rebuilt_from_its_leader() {
     let rt = driver();
     let mut cluster = ManagedCluster::start(&["a", "b", "c"], shards, 3, |_, _| {});
     rt.block_on(cluster.converged(Duration::from_secs(60)));
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    rt.block_on(async {
-        let mut client = graph(&cluster.addr("a")).await;
-        client.write(write((1..=10).map(user).collect(), pb::Ack::SemiSync)).await.unwrap();
-        client.write(write((1..=10).map(|u| board(1000 + u, u)).collect(), pb::Ack::SemiSync)).await.unwrap();
-        let pins = (1..=10u64)
-            .flat_map(|u| (0..20).map(move |k| pin(u * 100 + k, u, 1000 + u, now - k as i64, vec![], 0.5)));
-        client.write(write(pins.collect(), pb::Ack::SemiSync)).await.unwrap();
-    });
+    rt.block_on(seed(&cluster.addr("a"), 1..=10, 20));
     rt.block_on(cluster.caught_up(Duration::from_secs(60)));
     cluster.stop("c");
     let shard_dir = cluster.data_dir("c").join("shard-000");

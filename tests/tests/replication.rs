@@ -232,7 +232,7 @@ async fn a_node_without_the_clusters_admin_token_replicates_and_writes_nothing()
         assert!(state.contains("admin token is not one the other node accepts"), "{states:?}");
         assert_eq!((*applied, *readable), (0, false), "{states:?}");
     }
-    let body = metrics_text(c.node("a").metrics_addr()).await;
+    let body = feedgraph_tests::metrics_text(c.node("a").metrics_addr()).await;
     assert!(
         body.contains(r#"feedgraph_auth_rejected_total{code="unauthenticated",needs="admin"}"#),
         "{body}"
@@ -351,7 +351,7 @@ async fn a_follower_that_left_the_wal_is_rebuilt_from_a_resumed_checkpoint() {
     assert!(s.rebuilds >= 1, "not rebuilt: {s:?}");
     assert!(s.checkpoint_resumes >= 1, "the broken stream was not resumed: {s:?}");
     // The metrics say the same.
-    let text = metrics_text(c.node("b").metrics_addr()).await;
+    let text = feedgraph_tests::metrics_text(c.node("b").metrics_addr()).await;
     for name in ["feedgraph_replica_wal_gaps_total", "feedgraph_replica_checkpoint_resumes_total"] {
         assert!(metric(&text, &format!("{name}{{shard=\"0\"}}")) >= 1.0, "{name}: {text}");
     }
@@ -363,15 +363,6 @@ fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no {series}"))
-}
-
-async fn metrics_text(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 async fn found(c: &Cluster, node: &str, pin_id: u64, owner: u64) -> bool {

@@ -37,15 +37,6 @@ async fn list_replicas(addr: &str, ca: Option<&Path>, identity: Option<&Pair>) -
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
 }
 
-async fn metrics_text(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 fn metric(body: &str, name: &str) -> u64 {
     body.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
 }
@@ -100,7 +91,7 @@ async fn tls_serves_verified_clients_refuses_others_and_reloads_its_certificate(
         list_replicas(&addr, Some(&ca1_pem), Some(&client)).await.is_err(),
         "the old certificate is served"
     );
-    let body = metrics_text(node.metrics_addr()).await;
+    let body = feedgraph_tests::metrics_text(node.metrics_addr()).await;
     assert!(metric(&body, r#"feedgraph_tls_certificate_reloads_total{result="loaded"}"#) >= 1, "{body}");
     // The four refused peers and the client that no longer trusts the certificate.
     assert!(metric(&body, "feedgraph_tls_handshake_failures_total") >= 5, "{body}");

@@ -32,7 +32,7 @@ pub use cache::CacheUsage;
 pub use epochs::{Divergence, EpochHistory, EpochStart, LogPosition};
 pub use replication::{CommitListener, Digest, WalBatch};
 pub use schema::StoreMemory;
-pub use seen::{SeenStats, SeenSweep, SeenWindow, wall_clock_ms};
+pub use seen::{SeenStats, SeenSweep, SeenWindow};
 
 use cache::ReadCache;
 use schema::{Cf, CfIds, META_EPOCHS, META_LINEAGE, META_NEXT_ORDINAL, META_SCHEMA_VERSION, META_SHARD_ID};
@@ -180,6 +180,12 @@ impl WriterState {
             (Fence::Leader { epoch }, _) => Ok(epoch),
         }
     }
+}
+
+/// Milliseconds since the Unix epoch by this machine's clock (0 before 1970): commit
+/// times of recent batches, and the clock of the `seen` window.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn read_u64(cf: Cf, key: &[u8], value: &[u8]) -> Result<u64> {
@@ -445,7 +451,7 @@ impl Shard {
         mutations: &[Mutation],
         durability: Durability,
     ) -> Result<WriteOutcome> {
-        self.write_as_of(epoch, mutations, durability, seen::wall_clock_ms())
+        self.write_as_of(epoch, mutations, durability, wall_clock_ms())
     }
 
     /// [`Shard::write`] (or [`Shard::write_at`] with `Some(epoch)`) as of `now_ms`, the

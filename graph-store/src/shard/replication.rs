@@ -86,13 +86,6 @@ impl RecentBatches {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Called after every commit (leader write, replicated apply, epoch start) with the
 /// shard's new latest sequence number, under the shard's writer lock: keep it short.
 pub type CommitListener = Arc<dyn Fn(u64) + Send + Sync>;
@@ -188,7 +181,7 @@ impl Shard {
                 let sequence = self.latest_sequence() + 1 - count;
                 // RocksDB stamps the sequence on its copy at commit: stamp ours.
                 data[..8].copy_from_slice(&sequence.to_le_bytes());
-                recent.push(WalBatch { sequence, count, data, commit_ms: now_ms() });
+                recent.push(WalBatch { sequence, count, data, commit_ms: super::wall_clock_ms() as i64 });
             }
             _ => recent.clear(),
         }

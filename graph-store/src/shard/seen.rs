@@ -28,8 +28,8 @@ use crate::bitmap::{self, Delta};
 use crate::record::u64_key;
 use crate::{Error, Result};
 
-use super::Shard;
 use super::schema::Cf;
+use super::{Shard, wall_clock_ms};
 
 const HOUR_MS: u64 = 3_600_000;
 
@@ -92,16 +92,9 @@ pub struct SeenStats {
     pub entries_trimmed: u64,
 }
 
-/// What one write dropped (counted once it is committed).
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Dropped {
-    periods_expired: u64,
-    entries_trimmed: u64,
-}
-
-impl Dropped {
-    pub(crate) fn plus(self, other: Dropped) -> Dropped {
-        Dropped {
+impl SeenStats {
+    pub(crate) fn plus(self, other: SeenStats) -> SeenStats {
+        SeenStats {
             periods_expired: self.periods_expired + other.periods_expired,
             entries_trimmed: self.entries_trimmed + other.entries_trimmed,
         }
@@ -109,7 +102,7 @@ impl Dropped {
 }
 
 impl SeenCounters {
-    pub(crate) fn add(&self, d: Dropped) {
+    pub(crate) fn add(&self, d: SeenStats) {
         self.periods_expired.fetch_add(d.periods_expired, Ordering::Relaxed);
         self.entries_trimmed.fetch_add(d.entries_trimmed, Ordering::Relaxed);
     }
@@ -253,10 +246,10 @@ pub(crate) fn apply_window(
     batch: &mut WriteBatch,
     changes: &mut Vec<(Vec<u8>, Delta)>,
     deleted: &mut Vec<Vec<u8>>,
-) -> Result<Dropped> {
+) -> Result<SeenStats> {
     let window = shard.seen_window;
     let current_key = seen_key(user, window.period_start(now_ms));
-    let mut dropped = Dropped::default();
+    let mut dropped = SeenStats::default();
     let mut live: Vec<Period> = Vec::new();
     let mut current_stored = false;
     for mut p in shard.seen_periods(user)? {
@@ -302,11 +295,6 @@ pub(crate) fn apply_window(
         }
     }
     Ok(dropped)
-}
-
-/// Milliseconds since the Unix epoch by this machine's clock (0 before 1970).
-pub fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

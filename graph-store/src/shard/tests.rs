@@ -455,7 +455,7 @@ fn a_batch_carries_the_effects_its_writer_prepared() {
     ];
     for muts in writes {
         let next = s.lock_writer().next_ordinal;
-        let now = seen::wall_clock_ms();
+        let now = wall_clock_ms();
         let prepared = write::prepare(&s, next, &muts, now).unwrap();
         let decoded =
             write::Effects::decode(&prepared.batch, &s.cf_ids, prepared.batch.len() as u64).unwrap();
@@ -621,9 +621,9 @@ fn a_seen_key_without_a_period_reads_as_expired() {
     s.db.merge_cf(s.cf(Cf::Seen), u64_key(1), legacy).unwrap();
     assert_eq!(periods(&s, 1), [(None, 2)]);
     assert!(s.seen(uid(1)).unwrap().is_empty());
-    let sweep = s.seen_sweep(None, seen::wall_clock_ms(), 10, 100).unwrap();
+    let sweep = s.seen_sweep(None, wall_clock_ms(), 10, 100).unwrap();
     assert_eq!(sweep, SeenSweep { users: vec![uid(1)], next: None });
-    impressions(&s, 1, [3], seen::wall_clock_ms());
+    impressions(&s, 1, [3], wall_clock_ms());
     assert_eq!(periods(&s, 1).len(), 1);
     assert_eq!(ids(&s.seen(uid(1)).unwrap()), [2]);
 }

@@ -21,7 +21,7 @@ use crate::{Error, Result};
 
 use super::epochs::EpochHistory;
 use super::schema::{Cf, CfIds, META_EPOCHS, META_NEXT_ORDINAL};
-use super::seen::{self, Dropped, seen_key};
+use super::seen::{self, seen_key};
 use super::{Shard, WriterState};
 
 /// What a committed batch changes in memory, beyond RocksDB.
@@ -197,7 +197,7 @@ pub(crate) struct Prepared {
     pub(crate) effects: Effects,
     pub(crate) unknown_pins: usize,
     /// What the `seen` window dropped.
-    pub(crate) seen_dropped: Dropped,
+    pub(crate) seen_dropped: super::SeenStats,
 }
 
 /// Builds one write request into a batch and its effects, reading what it needs
@@ -225,7 +225,7 @@ pub(crate) fn prepare(
         ..
     } = w;
     let mut bitmap_keys = BTreeSet::new();
-    let mut seen_dropped = Dropped::default();
+    let mut seen_dropped = super::SeenStats::default();
     for user in seen_users {
         let current = (Cf::Seen, seen_key(user, shard.seen_window.period_start(now_ms)));
         let (mut trims, mut deleted) = (Vec::new(), Vec::new());
