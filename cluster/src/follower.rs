@@ -242,9 +242,18 @@ async fn round(
             mark_diverged(replica).await;
             Step::Rebuild
         }
+        Err(Error::Store(e @ StoreError::WritesStopped { .. }))
+            if replica.store().is_some_and(|s| s.fault_is_damaged_file()) =>
+        {
+            // The copy is bad, not the disk: replaced by the leader's (marked first, so
+            // a restart before the rebuild ends rebuilds too).
+            tracing::warn!(shard, %leader, error = %e, "this replica's files are damaged; rebuilding from a checkpoint");
+            mark_diverged(replica).await;
+            Step::Rebuild
+        }
         Err(Error::Store(e @ StoreError::WritesStopped { .. })) => {
-            // The store logged its fault once; retried quietly, since nothing here
-            // changes until the node is restarted on a sound disk.
+            // A full or failing disk: the store logged its fault once; retried quietly,
+            // since nothing here changes until the node is restarted on a sound disk.
             replica.stats.set_state(format!("not applying: {e}"));
             Step::Retry
         }

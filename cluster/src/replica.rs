@@ -177,7 +177,7 @@ impl ReplicaStatus {
     /// Serving reads with sound data: a member that counts towards `R`, or a
     /// hand-over target.
     pub fn is_ready(&self) -> bool {
-        self.readable && self.has_sound_data()
+        self.readable && self.has_sound_data() && self.fault.is_none()
     }
 }
 

@@ -201,6 +201,15 @@ impl ipb::replication_service_server::ReplicationService for ReplicationApi {
         let r = replica(&self.replicas, req.shard)?;
         let epoch = leader_epoch(&r, req.epoch).map_err(status)?;
         let store = r.store().ok_or_else(|| status(Error::NoData { shard: req.shard }))?;
+        if store.fault_is_damaged_file() {
+            // A copy of damaged files would damage the follower too (which keeps what
+            // it has until a checkpoint arrives, retrying after the hand-over).
+            return Err(status(Error::Checkpoint(format!(
+                "shard {}: this copy's files are damaged ({}); it serves no checkpoint",
+                req.shard,
+                store.fault().unwrap_or_default()
+            ))));
+        }
         let resume_id = req.resume.as_ref().map(|r| r.checkpoint_id.as_str()).filter(|id| !id.is_empty());
         let checkpoints = self.replicas.checkpoints().clone();
         let (path, manifest) =

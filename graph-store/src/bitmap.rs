@@ -96,6 +96,16 @@ impl Delta {
     }
 }
 
+/// Whether `bytes` is a merge operand [`Delta::decode`] accepts, without building it
+/// where the form allows (a follower checks every operand it is shipped; the list
+/// forms, which single edges and bulk loads use, are any multiple of 4 bytes).
+pub(crate) fn is_valid_operand(bytes: &[u8]) -> bool {
+    match bytes.split_first() {
+        Some((&(TAG_ADD_LIST | TAG_REMOVE_LIST), ids)) => ids.len().is_multiple_of(4),
+        _ => Delta::decode(bytes).is_some(),
+    }
+}
+
 /// Encodes "add these ordinals" (sorted, distinct) as a merge operand without building
 /// a bitmap for short lists (the bulk loader's common case).
 pub fn encode_sorted_additions(ids: &[u32]) -> Vec<u8> {
@@ -194,6 +204,23 @@ pub(crate) fn partial_merge(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn operands_are_valid_exactly_when_they_decode() {
+        let list = Delta::add([1u32, 5, 9]).encode();
+        let delta = Delta { add: (0..100).collect(), remove: (200..300).collect() }.encode();
+        for bytes in [
+            list.clone(),
+            delta.clone(),
+            list[..list.len() - 1].to_vec(),
+            delta[..delta.len() - 3].to_vec(),
+            vec![],
+            vec![TAG_ADD_LIST],
+            vec![99, 0, 0, 0, 0],
+        ] {
+            assert_eq!(is_valid_operand(&bytes), Delta::decode(&bytes).is_some(), "{bytes:?}");
+        }
+    }
 
     #[test]
     fn encodings_round_trip() {

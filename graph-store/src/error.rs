@@ -128,6 +128,19 @@ impl Error {
         }
     }
 
+    /// Whether the store's files are damaged (RocksDB found a checksum mismatch or a
+    /// broken block, table or manifest), as opposed to a value that is wrong in every
+    /// copy (a merge operand our merge operator refuses, a record our decoders refuse):
+    /// only the former is cured by another replica's copy.
+    pub fn is_damaged_file(&self) -> bool {
+        match self {
+            Error::Rocks(e) => {
+                e.kind() == rocksdb::ErrorKind::Corruption && !e.as_ref().contains("Merge operator failed")
+            }
+            _ => false,
+        }
+    }
+
     /// `Ok` when the stored owner is the claimed one; `what` names the object.
     pub(crate) fn check_owner(what: impl FnOnce() -> String, actual: UserId, claimed: UserId) -> Result<()> {
         if actual == claimed { Ok(()) } else { Err(Error::OwnerMismatch { what: what(), actual, claimed }) }

@@ -93,6 +93,9 @@ pub fn wal_batch(data: &[u8]) {
     if replica.apply_replicated(&[batch]).is_err() {
         assert_eq!(replica.latest_sequence(), before, "a refused batch moved the replica");
     }
+    // A batch is refused or applied; neither may fence the replica as a bad disk (it
+    // would stop replicating until restarted, where a refused batch has it rebuilt).
+    assert_eq!(replica.fault(), None, "a shipped batch fenced the replica");
 }
 
 /// A replica in a scratch directory of this process's own. A fuzzer is killed, not

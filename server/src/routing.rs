@@ -4,7 +4,7 @@
 //! the placement refreshed by asking every node for its replicas (`ListReplicas`);
 //! either way corrected at once when a replica redirects a write.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -207,6 +207,21 @@ impl ClusterDirectory {
                 });
             }
         }
+        // Channels and remote shards of nodes that left the map are dropped (requests
+        // in flight keep theirs): with nodes replaced over months, they would pile up.
+        let addresses: HashSet<&str> = next
+            .iter()
+            .flatten()
+            .map(|e| e.address.as_str())
+            .chain(self.nodes.iter().map(|(_, a)| a.as_str()))
+            .collect();
+        self.channels
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|a, _| addresses.contains(a.as_str()));
+        self.remotes.write().unwrap_or_else(|e| e.into_inner()).retain(|(a, shard), _| {
+            next.get(*shard as usize).is_some_and(|entries| entries.iter().any(|e| e.address == *a))
+        });
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = next;
     }
 

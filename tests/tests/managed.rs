@@ -394,6 +394,16 @@ fn nodes_join_and_drain_while_feeds_are_read() {
     assert!(failures.is_empty(), "failed reads: {:?}", &failures[..failures.len().min(10)]);
 }
 
+/// Once caught up, the three replicas of shard 0 (on a, b, c) hold the same data.
+fn assert_shard_0_replicas_agree(rt: &tokio::runtime::Runtime, cluster: &ManagedCluster) {
+    rt.block_on(cluster.caught_up(Duration::from_secs(60)));
+    let digests: BTreeSet<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| cluster.node(n).replicas().get(0).unwrap().store().unwrap().digest().unwrap().0)
+        .collect();
+    assert_eq!(digests.len(), 1, "shard 0's replicas differ after the rebuild");
+}
+
 /// A node restarted on a store that does not open (its MANIFEST corrupted while it was
 /// down) starts anyway: it reports the fault, holds that replica without data, and the
 /// controller's follower role makes it bootstrap from the leader, so the replica is
@@ -435,10 +445,78 @@ fn a_replica_whose_store_does_not_open_is_rebuilt_from_its_leader() {
             })
     }));
     assert!(status.view.shards[0].as_ref().unwrap().holds("c"));
+    assert_shard_0_replicas_agree(&rt, &cluster);
+}
+
+/// A leader whose store fails while it runs (here: corruption, its data files
+/// damaged under it and met by a read) stops taking writes; the controller hands its
+/// leadership to a sound follower, so writes go on; and the damaged replica, now a
+/// follower, is rebuilt from the new leader (corrupted data is replaced; a full disk
+/// would wait for an operator).
+#[test]
+fn a_leader_whose_store_fails_hands_over_and_its_copy_is_rebuilt() {
+    let shards = 2;
+    let rt = driver();
+    let cluster = ManagedCluster::start(&["a", "b", "c"], shards, 3, |_, _| {});
+    rt.block_on(cluster.converged(Duration::from_secs(60)));
+    rt.block_on(seed(&cluster.addr("a"), 1..=20, 20));
     rt.block_on(cluster.caught_up(Duration::from_secs(60)));
-    let digests: BTreeSet<_> = ["a", "b", "c"]
-        .iter()
-        .map(|n| cluster.node(n).replicas().get(0).unwrap().store().unwrap().digest().unwrap().0)
+    let status = rt.block_on(cluster.status());
+    let old = status.view.shards[0].as_ref().unwrap().leader.clone();
+    let store = cluster.node(&old).replicas().get(0).unwrap().store().unwrap();
+    store.flush().unwrap();
+    let ssts: Vec<_> = std::fs::read_dir(cluster.data_dir(&old).join("shard-000"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sst"))
         .collect();
-    assert_eq!(digests.len(), 1, "shard 0's replicas differ after the rebuild");
+    assert!(!ssts.is_empty());
+    for sst in &ssts {
+        // Inside the first data block; the index and footer, at the end, stay intact.
+        // (A file a compaction just deleted is passed over.)
+        let Ok(mut bytes) = std::fs::read(sst) else { continue };
+        let end = bytes.len().min(40);
+        for b in &mut bytes[8.min(end)..end] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(sst, bytes).unwrap();
+    }
+    let owners: Vec<UserId> =
+        (1..=20).map(|u| UserId::new(u).unwrap()).filter(|u| shard_of(*u, shards) == 0).collect();
+    for owner in &owners {
+        let _ = store.user_pins(*owner);
+    }
+    let fault = store.fault().expect("a read met the corrupted files");
+    assert!(store.fault_is_damaged_file(), "{fault}");
+    let faulted_at = Instant::now();
+    drop(store);
+
+    // Another replica leads; writes to the shard go on through any node.
+    let status = rt.block_on(cluster.wait_for(Duration::from_secs(60), "shard 0 handed over", |s| {
+        s.view.shards[0].as_ref().is_some_and(|a| a.leader != old)
+    }));
+    let new = status.view.shards[0].as_ref().unwrap().leader.clone();
+    eprintln!("shard 0: {old} failed ({fault}); {new} leads after {:?}", faulted_at.elapsed());
+    let extra = owners[0];
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let pins = vec![pin(99_000 + extra.get(), extra.get(), 1000 + extra.get(), now_ms, vec![], 0.5)];
+            match graph(&cluster.addr(&old)).await.write(write(pins, pb::Ack::SemiSync)).await {
+                Ok(_) => break,
+                Err(e) => assert!(Instant::now() < deadline, "writes to shard 0 did not resume: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    // The damaged copy is replaced by the new leader's, and catches up.
+    rt.block_on(cluster.wait_for(Duration::from_secs(90), "the failed leader's copy rebuilt", |s| {
+        s.report(&old, 0).is_some_and(|r| r.has_data && r.fault.is_none() && r.lag_sequences == 0)
+    }));
+    assert_shard_0_replicas_agree(&rt, &cluster);
+    let rebuilt = cluster.node(&old).replicas().get(0).unwrap().store().unwrap();
+    assert!(rebuilt.pin(feedgraph_model::PinId::new(99_000 + extra.get()).unwrap()).unwrap().is_some());
 }

@@ -108,6 +108,8 @@ pub(crate) struct Controller {
     dead_since: HashMap<String, Instant>,
     /// Shards already warned about having no candidate (until they recover).
     stuck: HashSet<u32>,
+    /// Shards whose leader's store failed, with the epoch warned about.
+    faulted: HashMap<u32, u64>,
     started: Instant,
 }
 
@@ -128,6 +130,7 @@ impl Controller {
             channels: HashMap::new(),
             dead_since: HashMap::new(),
             stuck: HashSet::new(),
+            faulted: HashMap::new(),
             started: Instant::now(),
         }
     }
@@ -144,6 +147,11 @@ impl Controller {
                 self.dead_since.entry(node.clone()).or_insert(now);
             }
         }
+        // Channels of nodes that are neither live nor named by the map are dropped
+        // (`members/` keeps every node that ever joined).
+        let named = view.shards.iter().flatten().flat_map(|a| a.members()).filter_map(|m| view.address(m));
+        let known: HashSet<&str> = view.live.values().map(String::as_str).chain(named).collect();
+        self.channels.retain(|address, _| known.contains(address.as_str()));
         let reports = self.reports(&view).await;
         let mut acted = false;
         // New shards, one after the other on the view each placement updates, so that
@@ -240,6 +248,32 @@ impl Controller {
         if view.draining.contains(&a.leader) {
             return self.hand_over(view, reports, shard, &a, None).await;
         }
+        if let Some(fault) = report(&a.leader).and_then(|r| r.fault.as_deref()) {
+            // Its store failed: it serves reads but takes no writes until restarted on a
+            // sound disk. A caught-up follower without a fault takes over; until one
+            // is, the shard is read-only and the rest of the round goes on (followers'
+            // roles, membership), trying again next round.
+            if self.faulted.insert(shard, a.epoch) != Some(a.epoch) {
+                tracing::warn!(shard, leader = %a.leader, fault, "the leader's store failed; handing leadership to a sound follower");
+            }
+            // A faulted leader cannot write, so its log is final: hand over only to a
+            // follower that already holds all of it (the hand-over's bounded wait must
+            // not decide here: a write acknowledged only by this leader would be lost).
+            let leader_log = report(&a.leader).map(|r| (r.log_epoch, r.applied_sequence));
+            let whole = a.followers.iter().find(|f| {
+                view.is_live(f)
+                    && report(f).is_some_and(|r| {
+                        r.is_ready() && Some((r.log_epoch, r.applied_sequence)) == leader_log
+                    })
+            });
+            if let Some(to) = whole.cloned()
+                && self.hand_over(view, reports, shard, &a, Some(&to)).await? == Step::Acted
+            {
+                return Ok(Step::Acted);
+            }
+        } else {
+            self.faulted.remove(&shard);
+        }
         let Some(leader_address) = view.address(&a.leader).map(str::to_owned) else {
             return Ok(Step::Nothing);
         };
@@ -264,9 +298,13 @@ impl Controller {
         }
         // Membership: members that count are live (or not dead for long) and not
         // draining.
+        let faulted = |m: &String| report(m).is_some_and(|r| r.fault.is_some());
         let counted = a
             .members()
             .filter(|m| !view.draining.contains(*m))
+            // A replica whose store failed holds a copy but takes no writes until an
+            // operator restarts it: a replacement is placed meanwhile.
+            .filter(|m| !faulted(m))
             .filter(|m| {
                 view.is_live(m)
                     || self.dead_since.get(*m).is_none_or(|t| t.elapsed() < self.cfg.replace_after)
@@ -290,6 +328,7 @@ impl Controller {
                     && self.dead_since.get(*f).is_some_and(|t| t.elapsed() >= self.cfg.replace_after)
             })
             .or_else(|| a.followers.iter().find(|f| view.draining.contains(*f)))
+            .or_else(|| if surplus { a.followers.iter().find(|f| faulted(f)) } else { None })
             .or_else(|| if surplus { a.followers.iter().find(|f| !view.is_live(f)) } else { None })
             .or_else(|| {
                 if !surplus {
@@ -301,8 +340,10 @@ impl Controller {
             })
             .cloned();
         if let Some(gone) = removable {
-            let rest_caught_up =
-                a.members().filter(|m| **m != gone).filter(|m| !view.draining.contains(*m)).all(caught_up);
+            let rest_caught_up = a
+                .members()
+                .filter(|m| **m != gone && !view.draining.contains(*m) && !faulted(m))
+                .all(caught_up);
             if rest_caught_up {
                 let next = Assignment {
                     followers: a.followers.iter().filter(|f| **f != gone).cloned().collect(),
@@ -344,7 +385,13 @@ impl Controller {
                 let r = reports.get(m)?.get(&shard)?;
                 r.has_sound_data().then_some((m, r))
             })
-            .max_by_key(|(m, r)| (r.log_epoch, r.applied_sequence, !view.draining.contains(*m)))
+            .max_by_key(|(m, r)| {
+                (r.log_epoch, r.applied_sequence, r.fault.is_none(), !view.draining.contains(*m))
+            })
+            // A replica whose store failed cannot lead (its first write, the epoch's,
+            // would fail); if only it holds the longest log, the shard waits for it
+            // to be served to the others (it still answers `GetUpdates`).
+            .filter(|(_, r)| r.fault.is_none())
             .map(|(m, _)| m.clone());
         let Some(best) = best else {
             if self.stuck.insert(shard) {
@@ -429,10 +476,22 @@ impl Controller {
             .iter()
             .filter(|(_, s)| s.has_sound_data())
             .max_by_key(|(f, s)| {
-                (s.log_epoch, s.applied_sequence, **f == target, !view.draining.contains(*f))
+                (
+                    s.log_epoch,
+                    s.applied_sequence,
+                    s.fault.is_none(),
+                    **f == target,
+                    !view.draining.contains(*f),
+                )
             })
-            .map(|(f, _)| f.clone())
-            .unwrap_or(target);
+            .map(|(f, s)| (f.clone(), s.fault.is_some()));
+        let best = match best {
+            // The leader is fenced: it is failed over next round, which waits for a
+            // sound replica to hold the longest log.
+            Some((_, true)) => return Ok(Step::Acted),
+            Some((f, false)) => f,
+            None => target,
+        };
         let others: Vec<String> = a.members().filter(|m| **m != best).cloned().collect();
         tracing::info!(shard, from = %a.leader, to = %best, "handing leadership over");
         self.promote(view, shard, &best, others, false).await?;

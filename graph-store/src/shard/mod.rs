@@ -147,6 +147,10 @@ pub struct Shard {
     /// Why the shard stopped taking writes, once its store failed (see
     /// [`Shard::fault`]).
     fault: RwLock<Option<String>>,
+    /// Whether the fault is a damaged file (set with `fault`): a replica can be rebuilt
+    /// over it from another copy, where a full or failing disk needs an operator, and a
+    /// value wrong in every copy would come back with the copy.
+    damaged_file: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Shard {
@@ -235,6 +239,7 @@ impl Shard {
             max_follows: opts.max_follows,
             max_blocks: opts.max_blocks,
             fault: RwLock::new(None),
+            damaged_file: std::sync::atomic::AtomicBool::new(false),
         };
         shard.check_meta(opts.shard_id, leader)?;
         shard.rebuild_attributes()?;
@@ -369,6 +374,13 @@ impl Shard {
         self.fault.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Whether [`Shard::fault`] is a damaged file (not a full, failing or read-only
+    /// disk, nor a value that is wrong in every copy): this copy is bad, and a replica
+    /// may be rebuilt from its leader's.
+    pub fn fault_is_damaged_file(&self) -> bool {
+        self.damaged_file.load(Ordering::Relaxed)
+    }
+
     /// Passes `r` through, stopping writes if it is a storage fault (the first one is
     /// kept and logged).
     pub(crate) fn observe<T>(&self, r: Result<T>) -> Result<T> {
@@ -384,6 +396,7 @@ impl Shard {
                     "store failed: the shard takes no more writes until it is reopened; it keeps serving reads"
                 );
                 *fault = Some(e.to_string());
+                self.damaged_file.store(e.is_damaged_file(), Ordering::Relaxed);
             }
         }
         r

@@ -106,7 +106,7 @@ impl std::fmt::Display for Digest {
 }
 
 /// Length of a write batch's header: sequence (LE u64) and count (LE u32).
-const BATCH_HEADER: usize = 12;
+pub(crate) const BATCH_HEADER: usize = 12;
 
 impl Shard {
     /// The WAL batches after `since` (a sequence number at a batch boundary, as a
@@ -212,6 +212,7 @@ impl Shard {
         for batch in batches {
             let wb = WriteBatch::from_data(&batch.data);
             let effects = Effects::decode(&wb, &self.cf_ids, batch.count)?;
+            effects.check_ordinals(writer.next_ordinal)?;
             let latest = self.apply(&mut writer, wb, &effects, Durability::Buffered)?;
             if latest != batch.sequence + batch.count - 1 {
                 // Sequence numbers no longer match the leader's: this replica must be

@@ -117,7 +117,7 @@ pub(crate) fn seen_key(user: UserId, period_start: u32) -> Vec<u8> {
 }
 
 /// The viewer and period of a `seen` key (`None` period: the key is the viewer alone).
-fn decode_seen_key(key: &[u8]) -> Option<(UserId, Option<u32>)> {
+pub(crate) fn decode_seen_key(key: &[u8]) -> Option<(UserId, Option<u32>)> {
     let (user, rest) = key.split_first_chunk::<8>()?;
     let user = UserId::new(u64::from_be_bytes(*user))?;
     match rest {
@@ -270,8 +270,13 @@ pub(crate) fn apply_window(
     if let (false, Some(d)) = (current_stored, pending) {
         let mut ordinals = RoaringBitmap::new();
         d.apply_to(&mut ordinals);
-        // The current period is the newest: keys sort by period.
         live.push(Period { key: current_key.clone(), start: Some(window.period_start(now_ms)), ordinals });
+    } else if let Some(i) = live.iter().position(|p| p.key == current_key) {
+        // Stored keys sort by period, so the current one is last unless a clock went
+        // back (a new leader's behind the old one's) and later periods exist: it goes
+        // last anyway, so that what was just shown is trimmed last.
+        let current = live.remove(i);
+        live.push(current);
     }
     let total: u64 = live.iter().map(|p| p.ordinals.len()).sum();
     let mut excess = total.saturating_sub(u64::from(window.max_entries));

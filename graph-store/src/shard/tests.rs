@@ -1,6 +1,6 @@
 use super::*;
 use crate::bitmap::{self, Delta};
-use crate::record::{FilterKind, ordinal_key, u32_key, u64_key};
+use crate::record::{EdgeKind, FilterKind, ordinal_key, u32_key, u64_key};
 use feedgraph_model::{Board, FollowTarget, Pin, PinFlag, PinId, PinRef, PinSignals, User};
 use roaring::RoaringBitmap;
 
@@ -484,6 +484,100 @@ fn a_truncated_batch_body_is_refused() {
     assert!(matches!(err, Error::ReplicatedBatch(_)), "{err}");
 }
 
+/// A shipped batch RocksDB would take and then fail on — bytes after its last
+/// operation, a merge into a family without a merge operator, a value its reader cannot
+/// decode, shard metadata — is refused as a malformed batch (the follower rebuilds from
+/// its leader), and leaves the replica sound: not fenced, at the same position, and
+/// applying its leader's next batch.
+#[test]
+fn a_batch_rocksdb_would_fail_on_is_refused_and_the_replica_stays_sound() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = open(&dir.path().join("leader"));
+    leader.write(&[board(1, 10), pin(100, 10, 1, 1, &[3])], Durability::Buffered).unwrap();
+    let start = leader.checkpoint(dir.path().join("replica")).unwrap();
+    let replica = Shard::open_replica(dir.path().join("replica"), &ShardOptions::new(3)).unwrap();
+    leader
+        .write(
+            &[
+                pin(101, 10, 1, 2, &[3]),
+                Mutation::Follow { follower: uid(2), target: FollowTarget::User(uid(10)) },
+            ],
+            Durability::Buffered,
+        )
+        .unwrap();
+    let good = leader.updates_since(start, usize::MAX).unwrap();
+    assert_eq!(good.len(), 1);
+
+    let shipped = |data: Vec<u8>, count: u64| {
+        let sequence = replica.latest_sequence() + 1;
+        let mut data = data;
+        data[..8].copy_from_slice(&sequence.to_le_bytes());
+        WalBatch { sequence, count, data, commit_ms: 0 }
+    };
+    let one_op = |f: &dyn Fn(&mut rocksdb::WriteBatch)| {
+        let mut b = rocksdb::WriteBatch::default();
+        f(&mut b);
+        shipped(b.data().to_vec(), 1)
+    };
+    let with_tail = |tail: &[u8]| {
+        let mut data = good[0].data.clone();
+        data.extend_from_slice(tail);
+        shipped(data, good[0].count)
+    };
+    let user_pins = replica.cf(Cf::UserPins);
+    let record = leader.pin_at(0).unwrap().unwrap().encode();
+    let next_ordinal = |n: u64| n.to_le_bytes();
+    let bad = [
+        // Ordinals a leader never assigns (fuzzing found the first: 1.9 GB of rows).
+        (
+            "a record far past the next ordinal",
+            one_op(&|b| b.put_cf(replica.cf(Cf::Pins), ordinal_key(16_000_000), &record)),
+        ),
+        (
+            "the next ordinal moved back",
+            one_op(&|b| b.put_cf(replica.cf(Cf::Meta), schema::META_NEXT_ORDINAL, next_ordinal(0))),
+        ),
+        (
+            "the next ordinal moved past records",
+            one_op(&|b| b.put_cf(replica.cf(Cf::Meta), schema::META_NEXT_ORDINAL, next_ordinal(1_000))),
+        ),
+        ("a byte that is no record", with_tail(&[0xee])),
+        ("a cut record", with_tail(&[1, 5, 1])),
+        // A log-data record: well formed, not counted, never written by a leader.
+        ("an uncounted record", with_tail(&[3, 1, 0])),
+        ("a merge into pin ids", one_op(&|b| b.merge_cf(replica.cf(Cf::PinIds), u64_key(5), [0; 4]))),
+        (
+            "a merge into follows",
+            one_op(&|b| {
+                b.merge_cf(replica.cf(Cf::Follows), crate::record::follow_key(uid(5), EdgeKind::User, 6), [])
+            }),
+        ),
+        ("a bad merge operand", one_op(&|b| b.merge_cf(user_pins, u64_key(10), [0xff, 1]))),
+        ("a bad bitmap", one_op(&|b| b.put_cf(user_pins, u64_key(10), [1, 2, 3]))),
+        (
+            "a bad seen key",
+            one_op(&|b| b.put_cf(replica.cf(Cf::Seen), [1], bitmap::encode_bitmap(&RoaringBitmap::new()))),
+        ),
+        ("a bad follow key", one_op(&|b| b.put_cf(replica.cf(Cf::Follows), u64_key(5), []))),
+        ("a bad user name", one_op(&|b| b.put_cf(replica.cf(Cf::Users), u64_key(5), [0xff]))),
+        (
+            "the shard's identity",
+            one_op(&|b| b.put_cf(replica.cf(Cf::Meta), schema::META_SHARD_ID, 9u64.to_le_bytes())),
+        ),
+        ("a deleted epoch history", one_op(&|b| b.delete_cf(replica.cf(Cf::Meta), schema::META_EPOCHS))),
+    ];
+    let before = replica.latest_sequence();
+    for (what, batch) in bad {
+        let e = replica.apply_replicated(&[batch]).unwrap_err();
+        assert!(matches!(e, Error::ReplicatedBatch(_)), "{what}: {e}");
+        assert_eq!(replica.latest_sequence(), before, "{what}");
+        assert_eq!(replica.fault(), None, "{what}");
+    }
+    replica.apply_replicated(&good).unwrap();
+    assert_eq!(leader.digest().unwrap(), replica.digest().unwrap());
+    assert_eq!(replica.follows(uid(2)).unwrap().users, [uid(10)]);
+}
+
 /// The ordinal watermark is published after the rows and bitmaps it covers: a reader
 /// that takes the watermark first never meets an ordinal without its row.
 #[test]
@@ -610,6 +704,24 @@ fn one_write_above_the_cap_is_trimmed_to_it() {
     assert_eq!(s.seen_stats().entries_trimmed, 3);
 }
 
+/// After a clock went back (a new leader's behind the old one's), what is shown now is
+/// still trimmed last: periods stamped later by the faster clock go first.
+#[test]
+fn the_cap_trims_what_was_shown_now_last_after_a_clock_went_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open_with_window(dir.path(), SeenWindow { window_hours: 96, period_hours: 24, max_entries: 5 });
+    pins(&s, 10);
+    impressions(&s, 1, 1..=5, 72 * HOUR);
+    // The clock now reads a day earlier: the current period sorts before the stored one.
+    impressions(&s, 1, [6, 7, 8], 48 * HOUR);
+    assert_eq!(periods(&s, 1), [(Some(48), 3), (Some(72), 2)]);
+    let seen = ids(&s.seen_at(uid(1), 48 * HOUR).unwrap());
+    assert_eq!(seen, [3, 4, 5, 6, 7], "the newest impressions (ordinals 5..=7) must all be kept");
+    // Already stored, the current period still goes last.
+    impressions(&s, 1, [9, 10], 48 * HOUR);
+    assert_eq!(periods(&s, 1), [(Some(48), 5)]);
+}
+
 /// A key of the layout before periods has no time: read as expired, found by the
 /// sweep, deleted by the viewer's next write.
 #[test]
@@ -729,6 +841,18 @@ fn follows_and_blocks_past_the_caps_are_refused_and_write_nothing() {
     )
     .unwrap();
     assert_eq!(s.follows(uid(1)).unwrap().blocked, [uid(67)]);
+    // What counts is what the request leaves: a follow before the unfollow that makes
+    // room for it fits too.
+    s.write(&[follow(u(12)), unfollow(u(11))], Durability::Buffered).unwrap();
+    assert_eq!(s.follows(uid(1)).unwrap().users, [uid(10), uid(12)]);
+    // Under a lowered cap, a list already past it may shrink or swap, not grow.
+    drop(s);
+    let s = Shard::open(dir.path(), &ShardOptions { max_follows: 1, ..ShardOptions::new(3) }).unwrap();
+    s.write(&[unfollow(u(12)), follow(u(13))], Durability::Buffered).unwrap();
+    let e = s.write(&[follow(u(14))], Durability::Buffered).unwrap_err();
+    assert!(matches!(e, Error::TooMany { what: "follows", count: 4, limit: 1, .. }), "{e:?}");
+    s.write(&[unfollow(u(13))], Durability::Buffered).unwrap();
+    assert_eq!(s.follows(uid(1)).unwrap().users, [uid(10)]);
 }
 
 // ------------------------------------------------------------------ a bad disk
@@ -765,6 +889,7 @@ fn a_corrupted_file_stops_writes_and_keeps_other_reads() {
     let e = s.user_pins(uid(10)).unwrap_err();
     assert!(e.is_storage_fault(), "{e:?}");
     assert!(s.fault().unwrap().contains("orruption"), "{:?}", s.fault());
+    assert!(s.fault_is_damaged_file());
     // Other families still serve; writes are refused, with the reason.
     assert!(s.pin(pid(5)).unwrap().is_some());
     assert_eq!(s.board_pins(bid(1)).unwrap().len(), 2000);

@@ -13,13 +13,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use feedgraph_model::{BoardId, Durability, FollowTarget, Mutation, Pin, PinFlag, PinId, PinRef, UserId};
 use rocksdb::{WriteBatch, WriteBatchIteratorCf};
 
-use crate::bitmap::Delta;
+use crate::bitmap::{self, Delta};
 use crate::record::{
-    EdgeKind, FilterKind, PinRecord, decode_ordinal, encode_board, follow_key, ordinal_key, u32_key, u64_key,
+    EdgeKind, FilterKind, PinRecord, decode_board, decode_ordinal, encode_board, follow_key, ordinal_key,
+    u32_key, u64_key,
 };
 use crate::{Error, Result};
 
 use super::epochs::EpochHistory;
+use super::replication::BATCH_HEADER;
 use super::schema::{Cf, CfIds, META_EPOCHS, META_NEXT_ORDINAL};
 use super::seen::{self, seen_key};
 use super::{Shard, WriterState};
@@ -40,63 +42,120 @@ pub(crate) struct Effects {
 }
 
 impl Effects {
-    /// Recovers the effects of a batch from its operations. A batch naming a column
-    /// family this database does not have, or holding a record that does not decode, is
-    /// refused before anything is written.
+    /// Recovers the effects of a batch from its operations, and checks that it is a batch
+    /// this code could have written: every operation a put, delete or merge into a
+    /// family that takes it, every key and value decoding as its reader decodes it, the
+    /// header's operation count, and nothing after the last operation. A batch that
+    /// fails is refused before anything is written: RocksDB would take it and then fail
+    /// on it (a merge into a family without a merge operator, trailing bytes, a value
+    /// that does not decode), which would fence the replica as a bad disk instead of
+    /// having it rebuilt from its leader.
     pub(crate) fn decode(batch: &WriteBatch, ids: &CfIds, count: u64) -> Result<Effects> {
         struct Decoder<'a> {
             ids: &'a CfIds,
             effects: Effects,
-            error: Option<Error>,
+            error: Option<String>,
             ops: u64,
+            /// What the operations seen take in a batch body, encoded as RocksDB does.
+            encoded_len: usize,
         }
         impl Decoder<'_> {
             fn op(&mut self, cf_id: u32, key: &[u8], value: Option<&[u8]>, merge: bool) {
                 self.ops += 1;
+                self.encoded_len += encoded_op_len(cf_id, key, value);
                 if self.error.is_some() {
                     return;
                 }
                 let Some(cf) = self.ids.get(cf_id) else {
-                    self.error =
-                        Some(Error::ReplicatedBatch(format!("names column family id {cf_id}, unknown here")));
+                    self.error = Some(format!("names column family id {cf_id}, unknown here"));
                     return;
                 };
-                let result = match (cf, value) {
-                    (Cf::Pins, Some(value)) if !merge => decode_ordinal(key)
-                        .zip(PinRecord::decode(value))
-                        .map(|(ordinal, record)| {
-                            self.effects.records.insert(ordinal, record);
-                        })
-                        .ok_or_else(|| {
-                            Error::corrupt(Cf::Pins.name(), key, "bad pin record in a replicated batch")
-                        }),
-                    (Cf::Pins, _) => Err(Error::ReplicatedBatch("deletes or merges a pin record".into())),
-                    (Cf::Meta, Some(value)) if key == META_NEXT_ORDINAL => value
-                        .try_into()
-                        .ok()
-                        .map(u64::from_le_bytes)
-                        .and_then(|n| u32::try_from(n).ok())
-                        .map(|n| self.effects.next_ordinal = Some(n))
-                        .ok_or_else(|| Error::corrupt(Cf::Meta.name(), key, "bad next ordinal")),
-                    (Cf::Meta, Some(value)) if key == META_EPOCHS => EpochHistory::decode(value)
-                        .map(|h| self.effects.epochs = Some(h))
-                        .ok_or_else(|| Error::corrupt(Cf::Meta.name(), key, "bad epoch history")),
-                    (cf, _) if cf.is_bitmap() => {
-                        self.effects.bitmap_keys.insert((cf, key.to_vec()));
-                        Ok(())
-                    }
-                    (Cf::Follows, _) => key
-                        .first_chunk::<8>()
-                        .and_then(|u| UserId::new(u64::from_be_bytes(*u)))
-                        .map(|u| {
-                            self.effects.follow_users.insert(u);
-                        })
-                        .ok_or_else(|| Error::corrupt(Cf::Follows.name(), key, "bad follow key")),
-                    _ => Ok(()),
-                };
-                if let Err(e) = result {
-                    self.error = Some(e);
+                if let Err(what) = self.check(cf, key, value, merge) {
+                    let key: String = key.iter().take(32).map(|b| format!("{b:02x}")).collect();
+                    self.error = Some(format!("{what} (family {}, key {key})", cf.name()));
                 }
+            }
+
+            fn check(
+                &mut self,
+                cf: Cf,
+                key: &[u8],
+                value: Option<&[u8]>,
+                merge: bool,
+            ) -> Result<(), &'static str> {
+                let op = match (value, merge) {
+                    (None, _) => Op::Delete,
+                    (Some(v), false) => Op::Put(v),
+                    (Some(v), true) => Op::Merge(v),
+                };
+                match (cf, op) {
+                    (Cf::Pins, Op::Put(value)) => {
+                        let ordinal = decode_ordinal(key).ok_or("bad ordinal key")?;
+                        let record = PinRecord::decode(value).ok_or("bad pin record")?;
+                        self.effects.records.insert(ordinal, record);
+                    }
+                    (Cf::Pins, _) => return Err("deletes or merges a pin record"),
+                    (Cf::Meta, Op::Put(value)) if key == META_NEXT_ORDINAL => {
+                        let next = value
+                            .try_into()
+                            .ok()
+                            .map(u64::from_le_bytes)
+                            .and_then(|n| u32::try_from(n).ok())
+                            .ok_or("bad next ordinal")?;
+                        self.effects.next_ordinal = Some(next);
+                    }
+                    (Cf::Meta, Op::Put(value)) if key == META_EPOCHS => {
+                        self.effects.epochs = Some(EpochHistory::decode(value).ok_or("bad epoch history")?);
+                    }
+                    // The shard's identity, schema and lineage are written once, at its
+                    // creation; a batch never changes them.
+                    (Cf::Meta, _) => return Err("writes shard metadata a batch never writes"),
+                    (Cf::PinIds, Op::Put(value)) if key.len() == 8 && value.len() == 4 => {}
+                    (Cf::PinIds, Op::Delete) if key.len() == 8 => {}
+                    (Cf::PinIds, _) => return Err("bad pin id entry"),
+                    (Cf::Users, Op::Put(value)) if key.len() == 8 && std::str::from_utf8(value).is_ok() => {}
+                    (Cf::Users, Op::Delete) if key.len() == 8 => {}
+                    (Cf::Users, _) => return Err("bad user record"),
+                    (Cf::Boards, Op::Put(value)) if key.len() == 8 && decode_board(value).is_some() => {}
+                    (Cf::Boards, Op::Delete) if key.len() == 8 => {}
+                    (Cf::Boards, _) => return Err("bad board record"),
+                    (Cf::Follows, op) => {
+                        let (user, kind, target) = decode_follow_key(key).ok_or("bad follow key")?;
+                        match op {
+                            Op::Delete => {}
+                            Op::Put(owner) if kind == EdgeKind::Board as u8 => {
+                                let owner =
+                                    owner.try_into().ok().map(u64::from_le_bytes).and_then(UserId::new);
+                                owner.ok_or("bad board owner in a follow entry")?;
+                            }
+                            Op::Put(_) if kind == EdgeKind::Topic as u8 && u32::try_from(target).is_err() => {
+                                return Err("bad topic in a follow entry");
+                            }
+                            Op::Put(_) => {}
+                            Op::Merge(_) => return Err("merges into the follow lists"),
+                        }
+                        self.effects.follow_users.insert(user);
+                    }
+                    (cf, op) if cf.is_bitmap() => {
+                        if cf == Cf::Seen && seen::decode_seen_key(key).is_none() {
+                            return Err("bad seen key");
+                        }
+                        match op {
+                            Op::Delete => {}
+                            Op::Put(value) => {
+                                bitmap::decode_bitmap(value).ok_or("bad bitmap")?;
+                            }
+                            Op::Merge(operand) => {
+                                if !bitmap::is_valid_operand(operand) {
+                                    return Err("bad bitmap merge operand");
+                                }
+                            }
+                        }
+                        self.effects.bitmap_keys.insert((cf, key.to_vec()));
+                    }
+                    (_, _) => return Err("an operation this family never takes"),
+                }
+                Ok(())
             }
         }
         impl WriteBatchIteratorCf for Decoder<'_> {
@@ -110,20 +169,89 @@ impl Effects {
                 self.op(cf_id, key, Some(value), true);
             }
         }
-        let mut decoder = Decoder { ids, effects: Effects::default(), error: None, ops: 0 };
-        // The iteration stops silently at a malformed record (the binding drops
-        // RocksDB's status): a body that does not hold the header's `count` operations
-        // is refused rather than half-applied.
+        let mut decoder = Decoder { ids, effects: Effects::default(), error: None, ops: 0, encoded_len: 0 };
+        // The iteration stops silently at a malformed record or one of another type (the
+        // binding drops RocksDB's status): a body that does not hold exactly the
+        // header's `count` operations, and nothing after them, is refused rather than
+        // half-applied.
         batch.iterate_cf(&mut decoder);
+        let body = batch.data().len().saturating_sub(BATCH_HEADER);
         match decoder.error {
-            Some(e) => Err(e),
+            Some(e) => Err(Error::ReplicatedBatch(e)),
             None if decoder.ops != count => Err(Error::ReplicatedBatch(format!(
                 "the body holds {} operations, the header {count}",
                 decoder.ops
             ))),
+            None if decoder.encoded_len != body => Err(Error::ReplicatedBatch(format!(
+                "{} bytes follow its {count} operations (or they are not encoded as RocksDB encodes them)",
+                body as i64 - decoder.encoded_len as i64
+            ))),
             None => Ok(decoder.effects),
         }
     }
+}
+
+impl Effects {
+    /// Checks the ordinals a shipped batch writes against the replica's next ordinal
+    /// `next`, as its leader assigned them: dense — the next ordinal never goes back,
+    /// and each ordinal it moves past has its pin record in the batch — and every pin
+    /// record below the new next ordinal. A batch naming ordinal 16M on a shard of a
+    /// thousand pins would otherwise grow the attribute rows to 16M (found by fuzzing:
+    /// 1.9 GB for one 160-byte batch), and break the density checked at open.
+    pub(crate) fn check_ordinals(&self, next: u32) -> Result<()> {
+        let new_next = self.next_ordinal.unwrap_or(next);
+        if new_next < next {
+            return Err(Error::ReplicatedBatch(format!(
+                "moves the next ordinal back from {next} to {new_next}"
+            )));
+        }
+        if let Some((&ordinal, _)) = self.records.last_key_value()
+            && ordinal >= new_next
+        {
+            return Err(Error::ReplicatedBatch(format!(
+                "writes the pin record of ordinal {ordinal}, at or past the next ordinal {new_next}"
+            )));
+        }
+        // The records are at most the batch's operations, so this loop is bounded by
+        // the batch, not by the ordinals it names.
+        let created = self.records.range(next..new_next).count() as u64;
+        if created != u64::from(new_next - next) {
+            return Err(Error::ReplicatedBatch(format!(
+                "moves the next ordinal from {next} to {new_next} with {created} new pin records"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A batch operation, as [`Effects::decode`] checks it.
+enum Op<'a> {
+    Put(&'a [u8]),
+    Delete,
+    Merge(&'a [u8]),
+}
+
+/// The bytes RocksDB's `WriteBatch` takes for one put, delete or merge: a type byte,
+/// the family id unless it is the default family's, then the length-prefixed key and
+/// value (`db/write_batch.cc`).
+fn encoded_op_len(cf_id: u32, key: &[u8], value: Option<&[u8]>) -> usize {
+    fn varint_len(n: usize) -> usize {
+        (usize::BITS - (n | 1).leading_zeros()).div_ceil(7) as usize
+    }
+    let cf = if cf_id == 0 { 0 } else { varint_len(cf_id as usize) };
+    1 + cf + varint_len(key.len()) + key.len() + value.map_or(0, |v| varint_len(v.len()) + v.len())
+}
+
+/// The user, kind byte and target of a `follows` key, as the reader decodes it.
+fn decode_follow_key(key: &[u8]) -> Option<(UserId, u8, u64)> {
+    let (user, rest) = key.split_first_chunk::<8>()?;
+    let (&kind, target) = rest.split_first()?;
+    let target = u64::from_be_bytes(target.try_into().ok()?);
+    let known = [EdgeKind::User, EdgeKind::Board, EdgeKind::Topic, EdgeKind::Blocked];
+    if !known.iter().any(|k| *k as u8 == kind) || target == 0 {
+        return None;
+    }
+    Some((UserId::new(u64::from_be_bytes(*user))?, kind, target))
 }
 
 impl Shard {
@@ -214,6 +342,11 @@ pub(crate) fn prepare(
     for m in mutations {
         w.apply(m)?;
     }
+    // The caps hold on what the whole request leaves (an unfollow after a follow in
+    // the same request makes room for it).
+    for (user, set) in &w.follow_sets {
+        set.check_caps(*user, shard.max_follows, shard.max_blocks)?;
+    }
     let BatchBuilder {
         mut batch,
         mut deltas,
@@ -280,6 +413,25 @@ pub(crate) fn follow_entry(follower: UserId, target: FollowTarget) -> ([u8; 17],
 struct FollowSet {
     follows: HashSet<[u8; 17]>,
     blocks: HashSet<[u8; 17]>,
+    /// The sizes as stored before the batch: a batch may not grow a list past its cap
+    /// (a list already past a lowered cap may still shrink, or swap entries).
+    stored: (usize, usize),
+}
+
+impl FollowSet {
+    /// `Err(TooMany)` if the batch leaves a list past its cap and longer than it was.
+    fn check_caps(&self, user: UserId, max_follows: u32, max_blocks: u32) -> Result<()> {
+        let lists = [
+            ("follows", self.follows.len(), self.stored.0, max_follows),
+            ("blocks", self.blocks.len(), self.stored.1, max_blocks),
+        ];
+        for (what, count, stored, limit) in lists {
+            if count > limit as usize && count > stored {
+                return Err(Error::TooMany { user, what, count, limit });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Accumulates one write request into a `WriteBatch`, with an overlay of what the
@@ -342,6 +494,7 @@ impl<'a> BatchBuilder<'a> {
                 }));
                 set.follows.extend(f.topics.iter().map(|t| follow_entry(user, FollowTarget::Topic(*t)).0));
                 set.blocks.extend(f.blocked.iter().map(|b| follow_key(user, EdgeKind::Blocked, b.get())));
+                set.stored = (set.follows.len(), set.blocks.len());
                 Ok(e.insert(set))
             }
         }
@@ -419,12 +572,7 @@ impl<'a> BatchBuilder<'a> {
             Mutation::UpsertPin(p) => self.upsert_pin(p)?,
             Mutation::Follow { follower, target } => {
                 let (key, value) = follow_entry(*follower, *target);
-                let limit = shard.max_follows;
-                let follows = &mut self.follow_set(*follower)?.follows;
-                if follows.insert(key) && follows.len() > limit as usize {
-                    let count = follows.len();
-                    return Err(Error::TooMany { user: *follower, what: "follows", count, limit });
-                }
+                self.follow_set(*follower)?.follows.insert(key);
                 self.batch.put_cf(cf(Cf::Follows), key, value);
                 self.follow_changes.insert(*follower);
             }
@@ -436,12 +584,7 @@ impl<'a> BatchBuilder<'a> {
             }
             Mutation::BlockUser { user, blocked } => {
                 let key = follow_key(*user, EdgeKind::Blocked, blocked.get());
-                let limit = shard.max_blocks;
-                let blocks = &mut self.follow_set(*user)?.blocks;
-                if blocks.insert(key) && blocks.len() > limit as usize {
-                    let count = blocks.len();
-                    return Err(Error::TooMany { user: *user, what: "blocks", count, limit });
-                }
+                self.follow_set(*user)?.blocks.insert(key);
                 self.batch.put_cf(cf(Cf::Follows), key, []);
                 self.follow_changes.insert(*user);
             }
