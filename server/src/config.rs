@@ -447,6 +447,55 @@ pub struct ClusterSettings {
     pub replace_after_ms: u64,
     /// Followers bootstrapping from a checkpoint at once on one node.
     pub max_bootstraps_per_node: usize,
+    /// The etcd user this node authenticates as (etcd with `auth enable`). Unset: etcd
+    /// is reached without authentication, and anyone who reaches it can rewrite the
+    /// shard map (the node warns at start).
+    pub etcd_user: Option<String>,
+    /// A file holding that user's password (its first line), or `FEEDGRAPH_ETCD_PASSWORD`
+    /// in the environment: never in this file, so a configuration can be printed.
+    pub etcd_password_file: Option<PathBuf>,
+    /// The password from the environment (set by `feedgraph serve`; never serialized
+    /// or printed).
+    #[serde(skip)]
+    pub env_etcd_password: EnvSecret,
+}
+
+/// A secret from the environment: never serialized, and `Debug` does not print it.
+#[derive(Clone, Default, PartialEq)]
+pub struct EnvSecret(pub Option<String>);
+
+impl std::fmt::Debug for EnvSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(<redacted>)" } else { "None" })
+    }
+}
+
+impl ClusterSettings {
+    /// The etcd user and password, if a user is configured (reads the password file).
+    pub fn etcd_credentials(
+        &self,
+    ) -> Result<Option<feedgraph_cluster::manager::EtcdCredentials>, ConfigError> {
+        let Some(user) = &self.etcd_user else { return Ok(None) };
+        let password = match (&self.etcd_password_file, &self.env_etcd_password.0) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            (None, Some(p)) => p.clone(),
+            (None, None) => {
+                return Err(invalid(
+                    "cluster.etcd_password_file",
+                    "cluster.etcd_user needs a password: set etcd_password_file or FEEDGRAPH_ETCD_PASSWORD",
+                ));
+            }
+        };
+        if password.is_empty() {
+            return Err(invalid("cluster.etcd_password_file", "the etcd password is empty"));
+        }
+        Ok(Some(feedgraph_cluster::manager::EtcdCredentials::new(user.clone(), &password)))
+    }
 }
 
 impl Default for ClusterSettings {
@@ -459,6 +508,9 @@ impl Default for ClusterSettings {
             lease_ttl_ms: 2000,
             replace_after_ms: 30_000,
             max_bootstraps_per_node: 2,
+            etcd_user: None,
+            etcd_password_file: None,
+            env_etcd_password: EnvSecret::default(),
         }
     }
 }
@@ -689,6 +741,21 @@ impl Config {
         if c.max_bootstraps_per_node == 0 {
             return Err(invalid("cluster.max_bootstraps_per_node", "must be at least 1"));
         }
+        if c.etcd_user.as_deref().is_some_and(str::is_empty) {
+            return Err(invalid(
+                "cluster.etcd_user",
+                "must not be empty (leave it unset for no authentication)",
+            ));
+        }
+        if c.etcd_user.is_none() && c.etcd_password_file.is_some() {
+            return Err(invalid("cluster.etcd_password_file", "a password without cluster.etcd_user"));
+        }
+        if c.etcd_user.is_some() && c.etcd_password_file.is_none() && c.env_etcd_password.0.is_none() {
+            return Err(invalid(
+                "cluster.etcd_password_file",
+                "cluster.etcd_user needs a password: set etcd_password_file or FEEDGRAPH_ETCD_PASSWORD",
+            ));
+        }
         let r = &self.replication;
         for (name, v) in [
             ("replication.poll_wait_ms", r.poll_wait_ms),
@@ -871,6 +938,34 @@ mod tests {
         c.validate().unwrap();
         let printed = format!("{}\n{c:?}", toml::to_string(&c).unwrap());
         assert!(!printed.contains("not-to-print"), "{printed}");
+    }
+
+    #[test]
+    fn an_etcd_user_needs_a_password_which_is_never_printed() {
+        let mut c = Config::default();
+        c.cluster.etcd = Some("etcd://127.0.0.1:2379".into());
+        c.auth.insecure = true;
+        c.cluster.etcd_user = Some("feedgraph".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("cluster.etcd_password_file"), "{e}");
+        c.cluster.env_etcd_password = EnvSecret(Some("etcd-password-not-to-print".into()));
+        c.validate().unwrap();
+        let credentials = c.cluster.etcd_credentials().unwrap().unwrap();
+        assert_eq!(credentials.user(), "feedgraph");
+        let printed = format!("{}\n{c:?}\n{credentials:?}", toml::to_string(&c).unwrap());
+        assert!(!printed.contains("not-to-print"), "{printed}");
+        // A password file wins over the environment: its first line is the password.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("etcd-password");
+        std::fs::write(&file, "\nsecond line\n").unwrap();
+        c.cluster.etcd_password_file = Some(file.clone());
+        let e = c.cluster.etcd_credentials().unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+        std::fs::write(&file, "from-the-file\n").unwrap();
+        assert!(c.cluster.etcd_credentials().unwrap().is_some());
+        // A password without a user is a mistake, not ignored.
+        c.cluster.etcd_user = None;
+        assert!(c.validate().unwrap_err().to_string().contains("without cluster.etcd_user"));
     }
 
     #[test]

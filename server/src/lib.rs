@@ -628,7 +628,14 @@ async fn join(
             credentials,
             ..manager::ControllerConfig::default()
         },
+        etcd_credentials: c.etcd_credentials()?,
     };
+    if member_config.etcd_credentials.is_none() {
+        tracing::warn!(
+            etcd = url,
+            "etcd is reached without authentication: anyone who reaches it can rewrite the shard map (set cluster.etcd_user)"
+        );
+    }
     let d = directory.clone();
     let member =
         Member::join(member_config, replicas.clone(), Arc::new(move |view| d.apply_view(view))).await?;

@@ -91,6 +91,13 @@ struct ClusterArgs {
     /// The cluster's name (its keys are under `/feedgraph/<name>/`).
     #[arg(long, env = "FEEDGRAPH_CLUSTER_NAME", default_value = "default")]
     name: String,
+    /// The etcd user, if etcd has authentication on; the password comes from
+    /// `--etcd-password-file` or `FEEDGRAPH_ETCD_PASSWORD`.
+    #[arg(long, env = "FEEDGRAPH_ETCD_USER")]
+    etcd_user: Option<String>,
+    /// A file holding the etcd user's password (its first line).
+    #[arg(long, env = "FEEDGRAPH_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
     #[command(flatten)]
     token: TokenArg,
     #[command(subcommand)]
@@ -542,8 +549,15 @@ fn config_of(args: &ServeArgs) -> anyhow::Result<Config> {
         config.auth.insecure = true;
     }
     config.auth.env_tokens = env_tokens()?;
+    config.cluster.env_etcd_password = env_etcd_password();
     config.validate()?;
     Ok(config)
+}
+
+/// The etcd password given in the environment (`FEEDGRAPH_ETCD_PASSWORD`): not a clap
+/// argument, so that it shows neither in `ps` nor in `--help`.
+fn env_etcd_password() -> feedgraph_server::config::EnvSecret {
+    feedgraph_server::config::EnvSecret(std::env::var("FEEDGRAPH_ETCD_PASSWORD").ok())
 }
 
 /// Tokens given in the environment (`FEEDGRAPH_{READ,WRITE,ADMIN}_TOKENS`), which
@@ -1106,7 +1120,15 @@ const MIB: f64 = (1 << 20) as f64;
 async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     use feedgraph_cluster::Role;
     use feedgraph_cluster::manager::{self, ClusterStatus, Keys};
-    let mut client = manager::connect(&manager::parse_endpoints(&args.etcd)?).await?;
+    let etcd = feedgraph_server::ClusterSettings {
+        etcd_user: args.etcd_user.clone(),
+        etcd_password_file: args.etcd_password_file.clone(),
+        env_etcd_password: env_etcd_password(),
+        ..Default::default()
+    };
+    let etcd_credentials = etcd.etcd_credentials()?;
+    let mut client =
+        manager::connect(&manager::parse_endpoints(&args.etcd)?, etcd_credentials.as_ref()).await?;
     let keys = Keys::new(&args.name);
     let credentials = args.token.credentials()?;
     match args.what {

@@ -11,7 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use feedgraph_cluster::manager::{self, ClusterStatus, Keys};
+use feedgraph_cluster::manager::{self, ClusterStatus, EtcdCredentials, Keys};
+
+/// The root password of [`Etcd::start_with_auth`] in these tests.
+pub const ETCD_TEST_PASSWORD: &str = "etcd-root-password-for-tests";
 use feedgraph_graph_store::Shard;
 use feedgraph_server::{Config, Node};
 
@@ -21,6 +24,8 @@ use crate::{free_ports, node_config};
 pub struct Etcd {
     child: Child,
     pub endpoint: String,
+    /// The root user's, once [`Etcd::start_with_auth`] turned authentication on.
+    pub credentials: Option<EtcdCredentials>,
     _dir: tempfile::TempDir,
 }
 
@@ -28,6 +33,27 @@ impl Etcd {
     /// Starts etcd (Debian's `etcd-server`, installed by `scripts/setup.sh`) and waits
     /// (bounded) until it answers.
     pub fn start() -> Etcd {
+        Self::start_with(&[])
+    }
+
+    /// Starts etcd with authentication on: a `root` user with [`ETCD_TEST_PASSWORD`] and
+    /// the root role, and auth tokens that expire after `token_ttl_s` seconds unused
+    /// (etcd's default is 300), so that tests meet expired tokens.
+    pub fn start_with_auth(token_ttl_s: u32) -> Etcd {
+        let password = ETCD_TEST_PASSWORD;
+        let mut etcd = Self::start_with(&["--auth-token-ttl", &token_ttl_s.to_string()]);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut c = manager::connect(std::slice::from_ref(&etcd.endpoint), None).await.unwrap();
+            c.user_add("root", password, None).await.unwrap();
+            c.user_grant_role("root", "root").await.unwrap();
+            c.auth_enable().await.unwrap();
+        });
+        etcd.credentials = Some(EtcdCredentials::new("root", password));
+        etcd
+    }
+
+    fn start_with(extra_args: &[&str]) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(2);
         let (client, peer) =
@@ -39,16 +65,17 @@ impl Etcd {
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
+            .args(extra_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("etcd (Debian's etcd-server; scripts/setup.sh installs it)");
-        let etcd = Etcd { child, endpoint: format!("127.0.0.1:{}", ports[0]), _dir: dir };
+        let etcd = Etcd { child, endpoint: format!("127.0.0.1:{}", ports[0]), credentials: None, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         loop {
             let ready = rt.block_on(async {
-                let mut c = manager::connect(std::slice::from_ref(&etcd.endpoint)).await.ok()?;
+                let mut c = manager::connect(std::slice::from_ref(&etcd.endpoint), None).await.ok()?;
                 c.get("/", None).await.ok()
             });
             if ready.is_some() {
@@ -153,9 +180,22 @@ impl ManagedCluster {
         replicas: u32,
         tweak: impl Fn(&str, &mut Config),
     ) -> ManagedCluster {
+        Self::start_on(Etcd::start(), kind, ids, shards, replicas, tweak)
+    }
+
+    /// As [`ManagedCluster::start_as`], on `etcd` (its credentials, if any, go into
+    /// every node's configuration and the harness's own calls).
+    pub fn start_on(
+        etcd: Etcd,
+        kind: NodeKind,
+        ids: &[&str],
+        shards: u32,
+        replicas: u32,
+        tweak: impl Fn(&str, &mut Config),
+    ) -> ManagedCluster {
         crate::log_if_asked();
         let mut c = ManagedCluster {
-            etcd: Etcd::start(),
+            etcd,
             dir: tempfile::tempdir().unwrap(),
             shards,
             kind,
@@ -174,6 +214,10 @@ impl ManagedCluster {
         let mut c = node_config(self.dir.path(), id, &listen, self.shards);
         c.cluster.etcd = Some(self.etcd.url());
         c.cluster.replicas = replicas;
+        if let Some(etcd) = &self.etcd.credentials {
+            c.cluster.etcd_user = Some(etcd.user().to_owned());
+            c.cluster.etcd_password_file = Some(self.etcd_password_file());
+        }
         tweak(id, &mut c);
         self.configs.insert(id.to_owned(), c);
         self.start_node(id);
@@ -339,13 +383,26 @@ impl ManagedCluster {
         self.configs[id].listen.to_string()
     }
 
+    /// The etcd password, in a file of the cluster's directory (the nodes' config names
+    /// it; the environment variable would be shared by every in-process node).
+    fn etcd_password_file(&self) -> PathBuf {
+        let path = self.dir.path().join("etcd-password");
+        if !path.exists() {
+            std::fs::write(&path, format!("{}\n", ETCD_TEST_PASSWORD)).unwrap();
+        }
+        path
+    }
+
     pub fn keys(&self) -> Keys {
         Keys::new(&self.configs.values().next().unwrap().cluster.name)
     }
 
     /// The cluster as `feedgraph cluster status` reads it.
     pub async fn status(&self) -> ClusterStatus {
-        let mut client = manager::connect(std::slice::from_ref(&self.etcd.endpoint)).await.unwrap();
+        let mut client =
+            manager::connect(std::slice::from_ref(&self.etcd.endpoint), self.etcd.credentials.as_ref())
+                .await
+                .unwrap();
         ClusterStatus::read(&mut client, &self.keys(), &crate::admin_credentials()).await.unwrap()
     }
 

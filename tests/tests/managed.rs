@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use feedgraph_cluster::Role;
 use feedgraph_model::{UserId, shard_of};
 use feedgraph_proto::pb::v1 as pb;
-use feedgraph_tests::managed::{ManagedCluster, NodeKind};
+use feedgraph_tests::managed::{Etcd, ManagedCluster, NodeKind, start_on_own_runtime};
 use feedgraph_tests::muts::{board, follow_user, pin, user, write};
 
 fn driver() -> tokio::runtime::Runtime {
@@ -372,7 +372,9 @@ fn nodes_join_and_drain_while_feeds_are_read() {
     // Drain a, then stop it.
     rt.block_on(async {
         let mut client =
-            feedgraph_cluster::manager::connect(std::slice::from_ref(&cluster.etcd.endpoint)).await.unwrap();
+            feedgraph_cluster::manager::connect(std::slice::from_ref(&cluster.etcd.endpoint), None)
+                .await
+                .unwrap();
         feedgraph_cluster::manager::set_drain(&mut client, &cluster.keys(), "a", true).await.unwrap();
     });
     let started = Instant::now();
@@ -519,4 +521,49 @@ fn a_leader_whose_store_fails_hands_over_and_its_copy_is_rebuilt() {
     assert_shard_0_replicas_agree(&rt, &cluster);
     let rebuilt = cluster.node(&old).replicas().get(0).unwrap().store().unwrap();
     assert!(rebuilt.pin(feedgraph_model::PinId::new(99_000 + extra.get()).unwrap()).unwrap().is_some());
+}
+
+/// etcd with authentication on (a root user; tokens expiring after 2 s unused): nodes
+/// configured with the user join, converge and fail over; etcd refuses a node without
+/// credentials at start; a client whose token expired authenticates again by itself.
+#[test]
+fn a_cluster_on_etcd_with_authentication() {
+    let rt = driver();
+    let etcd = Etcd::start_with_auth(2);
+    let (endpoint, credentials) = (etcd.endpoint.clone(), etcd.credentials.clone());
+    let mut cluster = ManagedCluster::start_on(etcd, NodeKind::InProcess, &["a", "b"], 2, 2, |_, _| {});
+    rt.block_on(cluster.converged(Duration::from_secs(60)));
+    rt.block_on(seed(&cluster.addr("a"), 1..=4, 5));
+
+    // Nothing is read or written without a user.
+    let anonymous = rt.block_on(async {
+        let mut c = feedgraph_cluster::manager::connect(std::slice::from_ref(&endpoint), None).await.unwrap();
+        c.get("/feedgraph/", None).await.map(|_| ())
+    });
+    assert!(anonymous.is_err(), "etcd answered a client without credentials");
+    let listen = format!("127.0.0.1:{}", feedgraph_tests::free_ports(1)[0]);
+    let mut config = feedgraph_tests::node_config(cluster.dir.path(), "c", &listen, 2);
+    config.cluster.etcd = Some(format!("etcd://{endpoint}"));
+    config.cluster.replicas = 2;
+    let refused = start_on_own_runtime(config).map(|_| ()).unwrap_err();
+    eprintln!("a node without etcd credentials: {refused}");
+    assert!(refused.contains("etcd") || refused.contains("user"), "{refused}");
+
+    // A client idle past the token's life keeps working.
+    rt.block_on(async {
+        let mut c =
+            feedgraph_cluster::manager::connect(std::slice::from_ref(&endpoint), credentials.as_ref())
+                .await
+                .unwrap();
+        c.get("/feedgraph/", None).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        c.get("/feedgraph/", None).await.expect("the client authenticates again when its token expired");
+    });
+
+    // The nodes' own sessions outlive their first tokens: a crash is failed over.
+    cluster.kill("a");
+    rt.block_on(cluster.wait_for(Duration::from_secs(60), "b leads every shard", |s| {
+        s.view.shards.iter().all(|a| a.as_ref().is_some_and(|a| a.leader == "b"))
+            && (0..2).all(|shard| s.report("b", shard).is_some_and(|r| r.role.name() == "leader"))
+    }));
 }

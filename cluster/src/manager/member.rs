@@ -29,6 +29,31 @@ pub struct MemberConfig {
     /// The node's lease: a dead node's shards fail over about this long after it died.
     pub lease_ttl: Duration,
     pub controller: ControllerConfig,
+    /// The etcd user this node authenticates as, if etcd has authentication on.
+    pub etcd_credentials: Option<EtcdCredentials>,
+}
+
+/// An etcd user and password (`etcdctl user add`). The password is never printed.
+#[derive(Clone)]
+pub struct EtcdCredentials {
+    user: String,
+    password: Arc<str>,
+}
+
+impl EtcdCredentials {
+    pub fn new(user: impl Into<String>, password: &str) -> Self {
+        Self { user: user.into(), password: password.into() }
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+}
+
+impl std::fmt::Debug for EtcdCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdCredentials").field("user", &self.user).field("password", &"<redacted>").finish()
+    }
 }
 
 /// Parses `etcd://host:port[,host:port...]`.
@@ -44,11 +69,17 @@ pub fn parse_endpoints(url: &str) -> Result<Vec<String>> {
     Ok(endpoints)
 }
 
-/// Connects to etcd (bounded).
-pub async fn connect(endpoints: &[String]) -> Result<Client> {
-    let options = ConnectOptions::new()
+/// Connects to etcd (bounded), as `credentials`' user if given. The token etcd issues
+/// for them expires (`--auth-token-ttl`, 5 minutes by default, on disuse; at once under
+/// JWT tokens when the auth store changes): the client authenticates again and retries
+/// when a call is refused for it, so a long-lived node never has to reconnect.
+pub async fn connect(endpoints: &[String], credentials: Option<&EtcdCredentials>) -> Result<Client> {
+    let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    if let Some(c) = credentials {
+        options = options.with_user(c.user.clone(), c.password.to_string()).with_auto_token_refresh(true);
+    }
     tokio::time::timeout(Duration::from_secs(5), Client::connect(endpoints, Some(options)))
         .await
         .map_err(|_| Error::Coordination(format!("etcd at {endpoints:?} did not answer in 5 s")))?
@@ -78,7 +109,7 @@ impl Member {
         replicas: Arc<Replicas>,
         on_view: Arc<dyn Fn(&ClusterView) + Send + Sync>,
     ) -> Result<Member> {
-        let mut client = connect(&cfg.endpoints).await?;
+        let mut client = connect(&cfg.endpoints, cfg.etcd_credentials.as_ref()).await?;
         let keys = Keys::new(&cfg.cluster_name);
         ensure_spec(&mut client, &keys, cfg.spec).await?;
         let (stop, stopped) = watch::channel(false);

@@ -22,6 +22,6 @@ pub mod session;
 pub mod view;
 
 pub use controller::ControllerConfig;
-pub use member::{ClusterStatus, Member, MemberConfig, connect, parse_endpoints, set_drain};
+pub use member::{ClusterStatus, EtcdCredentials, Member, MemberConfig, connect, parse_endpoints, set_drain};
 pub use session::SessionFault;
 pub use view::{Assignment, ClusterSpec, ClusterView, Keys};
