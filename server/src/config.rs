@@ -119,8 +119,9 @@ pub struct AuthConfig {
     /// `write` tokens (graph writes and signals, and all `read` may do).
     pub write_tokens_file: Option<PathBuf>,
     /// `admin` tokens (replica admin, replication, the shard and scorer services
-    /// between nodes, and everything else). This node's calls to other nodes and to a
-    /// standalone scorer carry the first one, so every node of a cluster needs it.
+    /// between nodes, and everything else). This node's calls to other nodes (and to a
+    /// standalone scorer, unless `scorer.token_file` is set) carry the first one, so
+    /// every node of a cluster needs it.
     pub admin_tokens_file: Option<PathBuf>,
     /// Serve a placement or etcd cluster without tokens. Every method, writes and
     /// replica transitions included, is then open to whoever reaches the port.
@@ -173,6 +174,15 @@ pub struct ScorerConfig {
     pub max_batch: usize,
     /// How often the model directory is rescanned for new versions, in milliseconds.
     pub reload_interval_ms: u64,
+    /// A token of the standalone scorer's own (this file's first line), sent to
+    /// `endpoint` instead of this node's admin token, so that the scorer holds no
+    /// credential that opens the cluster: configure it as an admin token of the scorer
+    /// only. Or `FEEDGRAPH_SCORER_TOKEN`. Unset: the node's admin token is sent.
+    pub token_file: Option<PathBuf>,
+    /// The token from the environment (set by `feedgraph serve`; never serialized or
+    /// printed).
+    #[serde(skip)]
+    pub env_token: EnvSecret,
 }
 
 impl Default for ScorerConfig {
@@ -185,16 +195,43 @@ impl Default for ScorerConfig {
             deadline_ms: 20,
             max_batch: 2000,
             reload_interval_ms: 1000,
+            token_file: None,
+            env_token: EnvSecret::default(),
         }
     }
 }
 
 impl ScorerConfig {
+    /// What this node presents to a standalone scorer instead of its admin token, if a
+    /// scorer token is configured (reads the token file).
+    pub fn token(&self) -> Result<Option<feedgraph_proto::auth::Bearer>, ConfigError> {
+        let token = match (&self.token_file, &self.env_token.0) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            (None, Some(t)) => t.trim().to_owned(),
+            (None, None) => return Ok(None),
+        };
+        let secret = feedgraph_proto::auth::Secret::new(&token)
+            .map_err(|e| invalid("scorer.token_file", e.to_string()))?;
+        Ok(Some(feedgraph_proto::auth::Bearer::new(Some(&secret))))
+    }
+
     /// Checks the fields; `prefix` names the section in errors.
     pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
         let field = |f: &str| format!("{prefix}{f}");
         if self.model_dir.is_some() && self.endpoint.is_some() {
             return Err(invalid(&field("endpoint"), "set either model_dir or endpoint, not both"));
+        }
+        if (self.token_file.is_some() || self.env_token.0.is_some()) && self.endpoint.is_none() {
+            return Err(invalid(
+                &field("token_file"),
+                "a scorer token is for a standalone scorer (endpoint)",
+            ));
         }
         if !self.model.is_empty() && self.model_dir.is_none() && self.endpoint.is_none() {
             return Err(invalid(&field("model"), "needs model_dir or endpoint"));
@@ -966,6 +1003,23 @@ mod tests {
         // A password without a user is a mistake, not ignored.
         c.cluster.etcd_user = None;
         assert!(c.validate().unwrap_err().to_string().contains("without cluster.etcd_user"));
+    }
+
+    #[test]
+    fn a_scorer_token_is_for_a_standalone_scorer_and_never_printed() {
+        let mut c = Config::default();
+        c.scorer.env_token = EnvSecret(Some("scorer-token-not-to-print".into()));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("scorer.token_file"), "{e}");
+        c.scorer.model_dir = None;
+        c.scorer.model = String::new();
+        c.scorer.endpoint = Some("http://127.0.0.1:7979".into());
+        c.validate().unwrap();
+        assert!(c.scorer.token().unwrap().is_some());
+        let printed = format!("{}\n{c:?}", toml::to_string(&c).unwrap());
+        assert!(!printed.contains("not-to-print"), "{printed}");
+        c.scorer.env_token = EnvSecret(Some("short".into()));
+        assert!(c.scorer.token().is_err(), "a token shorter than 16 characters");
     }
 
     #[test]

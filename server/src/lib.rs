@@ -518,7 +518,12 @@ async fn serve(
             .set_serving::<pb::internal::scorer_service_server::ScorerServiceServer<scorer::ScorerApi>>()
             .await;
     } else if let Some(endpoint) = &sc.endpoint {
-        broker = broker.with_scorer(Arc::new(scorer::RemoteScorer::new(endpoint, &credentials)?));
+        // A scorer token of its own, if configured, instead of the node's admin token.
+        let scorer_credentials = match sc.token()? {
+            Some(bearer) => feedgraph_proto::auth::Credentials::new(bearer, credentials.tls.clone()),
+            None => credentials.clone(),
+        };
+        broker = broker.with_scorer(Arc::new(scorer::RemoteScorer::new(endpoint, &scorer_credentials)?));
     }
     let broker = Arc::new(broker);
     metrics.watch_broker(broker.clone());

@@ -550,6 +550,8 @@ fn config_of(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     config.auth.env_tokens = env_tokens()?;
     config.cluster.env_etcd_password = env_etcd_password();
+    config.scorer.env_token =
+        feedgraph_server::config::EnvSecret(std::env::var("FEEDGRAPH_SCORER_TOKEN").ok());
     config.validate()?;
     Ok(config)
 }

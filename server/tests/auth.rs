@@ -369,7 +369,7 @@ async fn every_service_checks_the_token_and_its_role() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_sends_its_admin_token_to_a_scorer_with_tokens() {
+async fn a_node_sends_its_scorer_token_or_else_its_admin_token_to_a_scorer() {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("scorer-models");
     feedgraph_server::demo::ensure_models(&models).unwrap();
@@ -393,10 +393,12 @@ async fn a_node_sends_its_admin_token_to_a_scorer_with_tokens() {
     assert_eq!(list(Some(WRITE)).await, Err(Code::PermissionDenied));
     assert_eq!(list(Some(ADMIN)).await, Ok(()));
 
-    // Two nodes use the scorer: one holds the scorer's admin token, one another.
-    let scoring_of = |other_admin: bool| {
+    // Nodes use the scorer: one holds the scorer's admin token, one another, and one
+    // another with the scorer's token configured as its scorer token (so that the
+    // scorer needs no credential of the cluster's).
+    let scoring_of = |other_admin: bool, scorer_token: bool| {
         let endpoint = endpoint.clone();
-        let dir = dir.path().join(if other_admin { "b" } else { "a" });
+        let dir = dir.path().join(format!("{other_admin}-{scorer_token}"));
         async move {
             let node = start_node(&dir, |c| {
                 c.scorer.model_dir = None;
@@ -407,6 +409,9 @@ async fn a_node_sends_its_admin_token_to_a_scorer_with_tokens() {
                 c.feed.max_per_board = 1000;
                 if other_admin {
                     c.auth.env_tokens.admin = vec![secret("another-admin-token-0001")];
+                }
+                if scorer_token {
+                    c.scorer.env_token = feedgraph_server::config::EnvSecret(Some(ADMIN.into()));
                 }
             })
             .await;
@@ -441,8 +446,9 @@ async fn a_node_sends_its_admin_token_to_a_scorer_with_tokens() {
             pb::Scoring::try_from(r.stats.unwrap_or_default().scoring).unwrap()
         }
     };
-    assert_eq!(scoring_of(false).await, pb::Scoring::Model);
-    assert_eq!(scoring_of(true).await, pb::Scoring::LightFallback);
+    assert_eq!(scoring_of(false, false).await, pb::Scoring::Model);
+    assert_eq!(scoring_of(true, false).await, pb::Scoring::LightFallback);
+    assert_eq!(scoring_of(true, true).await, pb::Scoring::Model);
     let body = http_get(scorer.metrics_addr(), "/metrics").await;
     assert!(
         metric(&body, r#"feedgraph_auth_rejected_total{code="unauthenticated",needs="admin"}"#) >= 2,
