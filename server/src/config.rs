@@ -204,21 +204,19 @@ impl Default for ScorerConfig {
 impl ScorerConfig {
     /// What this node presents to a standalone scorer instead of its admin token, if a
     /// scorer token is configured (reads the token file).
+    /// The token file has the token files' format (one per line, `#` comments); its
+    /// first token is sent. The environment's token counts only with an `endpoint`.
     pub fn token(&self) -> Result<Option<feedgraph_proto::auth::Bearer>, ConfigError> {
-        let token = match (&self.token_file, &self.env_token.0) {
+        let text = match (&self.token_file, &self.env_token.0) {
             (Some(path), _) => std::fs::read_to_string(path)
-                .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
-            (None, Some(t)) => t.trim().to_owned(),
-            (None, None) => return Ok(None),
+                .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?,
+            (None, Some(t)) if self.endpoint.is_some() => t.clone(),
+            _ => return Ok(None),
         };
-        let secret = feedgraph_proto::auth::Secret::new(&token)
-            .map_err(|e| invalid("scorer.token_file", e.to_string()))?;
-        Ok(Some(feedgraph_proto::auth::Bearer::new(Some(&secret))))
+        let bad = |reason: String| invalid("scorer.token_file", reason);
+        let tokens = feedgraph_proto::auth::Secret::parse_list(&text).map_err(|e| bad(e.to_string()))?;
+        let first = tokens.first().ok_or_else(|| bad("holds no token".into()))?;
+        Ok(Some(feedgraph_proto::auth::Bearer::new(Some(first))))
     }
 
     /// Checks the fields; `prefix` names the section in errors.
@@ -227,12 +225,14 @@ impl ScorerConfig {
         if self.model_dir.is_some() && self.endpoint.is_some() {
             return Err(invalid(&field("endpoint"), "set either model_dir or endpoint, not both"));
         }
-        if (self.token_file.is_some() || self.env_token.0.is_some()) && self.endpoint.is_none() {
+        if self.token_file.is_some() && self.endpoint.is_none() {
             return Err(invalid(
                 &field("token_file"),
                 "a scorer token is for a standalone scorer (endpoint)",
             ));
         }
+        // Read now, so that `--check-config` refuses a token that will not load.
+        self.token()?;
         if !self.model.is_empty() && self.model_dir.is_none() && self.endpoint.is_none() {
             return Err(invalid(&field("model"), "needs model_dir or endpoint"));
         }
@@ -787,12 +787,9 @@ impl Config {
         if c.etcd_user.is_none() && c.etcd_password_file.is_some() {
             return Err(invalid("cluster.etcd_password_file", "a password without cluster.etcd_user"));
         }
-        if c.etcd_user.is_some() && c.etcd_password_file.is_none() && c.env_etcd_password.0.is_none() {
-            return Err(invalid(
-                "cluster.etcd_password_file",
-                "cluster.etcd_user needs a password: set etcd_password_file or FEEDGRAPH_ETCD_PASSWORD",
-            ));
-        }
+        // Read now (the file too), so that `--check-config` refuses a password that
+        // will not load.
+        c.etcd_credentials()?;
         let r = &self.replication;
         for (name, v) in [
             ("replication.poll_wait_ms", r.poll_wait_ms),
@@ -1008,9 +1005,16 @@ mod tests {
     #[test]
     fn a_scorer_token_is_for_a_standalone_scorer_and_never_printed() {
         let mut c = Config::default();
+        // From the environment, a scorer token means nothing without an endpoint (an
+        // environment shared by several services must not stop a node); in the
+        // configuration it is a mistake.
         c.scorer.env_token = EnvSecret(Some("scorer-token-not-to-print".into()));
+        c.validate().unwrap();
+        assert!(c.scorer.token().unwrap().is_none());
+        c.scorer.token_file = Some("scorer.token".into());
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("scorer.token_file"), "{e}");
+        c.scorer.token_file = None;
         c.scorer.model_dir = None;
         c.scorer.model = String::new();
         c.scorer.endpoint = Some("http://127.0.0.1:7979".into());

@@ -741,6 +741,9 @@ fn store_config(
     if let Some(v) = shards {
         config.shards = v;
     }
+    // A node's configuration validates with its secrets (the commands using it do not
+    // reach etcd or a scorer, but must accept the configuration the node runs on).
+    config.cluster.env_etcd_password = env_etcd_password();
     Ok(config)
 }
 

@@ -70,9 +70,10 @@ pub fn parse_endpoints(url: &str) -> Result<Vec<String>> {
 }
 
 /// Connects to etcd (bounded), as `credentials`' user if given. The token etcd issues
-/// for them expires (`--auth-token-ttl`, 5 minutes by default, on disuse; at once under
-/// JWT tokens when the auth store changes): the client authenticates again and retries
-/// when a call is refused for it, so a long-lived node never has to reconnect.
+/// for them expires (`--auth-token-ttl`, 5 minutes by default, on disuse): the client
+/// authenticates again and retries when a call is refused as "invalid auth token", so
+/// a long-lived node never has to reconnect. A JWT made stale by a change to etcd's
+/// users or roles is renewed by `watch_state`'s next read.
 pub async fn connect(endpoints: &[String], credentials: Option<&EtcdCredentials>) -> Result<Client> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
@@ -223,22 +224,31 @@ async fn watch_state(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut stream = None;
+    // A watch is (re)opened at most once per tick: one etcd cancels at once (a role
+    // without read on the prefix, a stale token) must not become a busy loop.
+    let mut may_open = true;
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if stream.is_none() {
+        if stream.is_none() && may_open {
+            may_open = false;
             stream = client.watch(keys.root(), Some(WatchOptions::new().with_prefix())).await.ok();
         }
         let changed = tokio::select! {
             _ = stop.changed() => return,
-            _ = every.tick() => true,
+            _ = every.tick() => { may_open = true; true }
             m = async {
                 match stream.as_mut() {
                     Some(s) => s.message().await,
-                    None => { tokio::time::sleep(Duration::from_millis(200)).await; Ok(None) }
+                    None => std::future::pending().await,
                 }
             } => match m {
-                Ok(Some(r)) => !r.events().is_empty() || r.canceled() && { stream = None; true },
+                Ok(Some(r)) if r.canceled() => {
+                    tracing::warn!(reason = r.cancel_reason(), "etcd cancelled the watch on the cluster's keys");
+                    stream = None;
+                    true
+                }
+                Ok(Some(r)) => !r.events().is_empty(),
                 _ => { stream = None; false }
             },
         };
@@ -252,8 +262,25 @@ async fn watch_state(
                 wake.notify_one();
             }
             Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "reading the cluster state failed"),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the cluster state failed");
+                refresh_if_auth_refused(&client, &e.to_string()).await;
+            }
         }
+    }
+}
+
+/// etcd-client renews an expired token by itself only when etcd answers "invalid auth
+/// token"; a JWT issued before any change to etcd's users or roles is refused as
+/// "revision of auth store is old" instead, which it does not renew. This loop reads
+/// every second, and the token is shared by every clone of the node's client, so
+/// renewing it here heals the session's and the controller's calls too.
+async fn refresh_if_auth_refused(client: &Client, error: &str) {
+    const REFUSALS: [&str; 2] = ["revision of auth store is old", "invalid auth token"];
+    if REFUSALS.iter().any(|r| error.contains(r))
+        && let Err(e) = client.refresh_token().await
+    {
+        tracing::warn!(error = %e, "authenticating to etcd again failed");
     }
 }
 
