@@ -178,6 +178,19 @@ pub(crate) fn follow_key(user: UserId, kind: EdgeKind, target: u64) -> [u8; 17] 
     k
 }
 
+/// The user, kind byte and target of a `follows` key (the shard's reader and a
+/// follower's batch check both decode it here).
+pub(crate) fn decode_follow_key(key: &[u8]) -> Option<(UserId, u8, u64)> {
+    let (user, rest) = key.split_first_chunk::<8>()?;
+    let (&kind, target) = rest.split_first()?;
+    let target = u64::from_be_bytes(target.try_into().ok()?);
+    let known = [EdgeKind::User, EdgeKind::Board, EdgeKind::Topic, EdgeKind::Blocked];
+    if !known.iter().any(|k| *k as u8 == kind) || target == 0 {
+        return None;
+    }
+    Some((UserId::new(u64::from_be_bytes(*user))?, kind, target))
+}
+
 /// Filter bitmaps, keyed by kind in the `filters` column family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FilterKind {

@@ -28,16 +28,8 @@ pub fn cursor(data: &[u8]) {
 /// Valid cursors' bodies (without their MACs), for the corpus.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let codec = CursorCodec::new([7; 32]);
-    let state = crate::cursor::CursorState {
-        kind: crate::cursor::FeedKind::Home,
-        user: 42,
-        ranking: "default".into(),
-        ranking_id: 7,
-        page: 3,
-        page_size: 25,
-        now_ms: 1_700_000_000_000,
-        watermarks: vec![10, 20, 30],
+    let Ok(bytes) = URL_SAFE_NO_PAD.decode(codec.encode(&crate::cursor::sample_state())) else {
+        return Vec::new();
     };
-    let Ok(bytes) = URL_SAFE_NO_PAD.decode(codec.encode(&state)) else { return Vec::new() };
     vec![("cursor", bytes[..bytes.len() - crate::cursor::TAG_BYTES].to_vec())]
 }

@@ -8,7 +8,9 @@ use roaring::RoaringBitmap;
 use rocksdb::{Direction, IteratorMode};
 
 use crate::bitmap;
-use crate::record::{EdgeKind, FilterKind, PinRecord, decode_board, ordinal_key, u32_key, u64_key};
+use crate::record::{
+    EdgeKind, FilterKind, PinRecord, decode_board, decode_follow_key, ordinal_key, u32_key, u64_key,
+};
 use crate::{Error, Result};
 
 use super::cache::ReadCache;
@@ -237,12 +239,7 @@ impl Shard {
                 break;
             }
             let bad = || Error::corrupt(Cf::Follows, &k, "bad follow entry");
-            let (kind, target) = match k.get(8..) {
-                Some([kind, rest @ ..]) if rest.len() == 8 => {
-                    (*kind, u64::from_be_bytes(rest.try_into().map_err(|_| bad())?))
-                }
-                _ => return Err(bad()),
-            };
+            let (_, kind, target) = decode_follow_key(&k).ok_or_else(bad)?;
             match kind {
                 k if k == EdgeKind::User as u8 => out.users.push(UserId::new(target).ok_or_else(bad)?),
                 k if k == EdgeKind::Blocked as u8 => out.blocked.push(UserId::new(target).ok_or_else(bad)?),

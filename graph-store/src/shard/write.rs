@@ -15,8 +15,8 @@ use rocksdb::{WriteBatch, WriteBatchIteratorCf};
 
 use crate::bitmap::{self, Delta};
 use crate::record::{
-    EdgeKind, FilterKind, PinRecord, decode_board, decode_ordinal, encode_board, follow_key, ordinal_key,
-    u32_key, u64_key,
+    EdgeKind, FilterKind, PinRecord, decode_board, decode_follow_key, decode_ordinal, encode_board,
+    follow_key, ordinal_key, u32_key, u64_key,
 };
 use crate::{Error, Result};
 
@@ -240,18 +240,6 @@ fn encoded_op_len(cf_id: u32, key: &[u8], value: Option<&[u8]>) -> usize {
     }
     let cf = if cf_id == 0 { 0 } else { varint_len(cf_id as usize) };
     1 + cf + varint_len(key.len()) + key.len() + value.map_or(0, |v| varint_len(v.len()) + v.len())
-}
-
-/// The user, kind byte and target of a `follows` key, as the reader decodes it.
-fn decode_follow_key(key: &[u8]) -> Option<(UserId, u8, u64)> {
-    let (user, rest) = key.split_first_chunk::<8>()?;
-    let (&kind, target) = rest.split_first()?;
-    let target = u64::from_be_bytes(target.try_into().ok()?);
-    let known = [EdgeKind::User, EdgeKind::Board, EdgeKind::Topic, EdgeKind::Blocked];
-    if !known.iter().any(|k| *k as u8 == kind) || target == 0 {
-        return None;
-    }
-    Some((UserId::new(u64::from_be_bytes(*user))?, kind, target))
 }
 
 impl Shard {
