@@ -171,6 +171,19 @@ pub fn corpus_dir(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(name)
 }
 
+/// A target's committed corpus entries (files of its corpus directory), in name order.
+pub fn read_corpus(name: &str) -> std::io::Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(corpus_dir(name))? {
+        let path = entry?.path();
+        if path.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    paths.into_iter().map(|p| std::fs::read(&p).map(|bytes| (p, bytes))).collect()
+}
+
 /// Changes `input` the way byte-level fuzzers do: flips, interesting values, inserted
 /// and removed runs, splices with another corpus entry.
 pub fn mutate(rng: &mut impl rand::Rng, input: &mut Vec<u8>, other: &[u8]) {

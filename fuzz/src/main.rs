@@ -98,15 +98,12 @@ fn read(path: &Path) -> anyhow::Result<(PathBuf, Vec<u8>)> {
     Ok((path.to_path_buf(), std::fs::read(path).with_context(|| format!("reading {}", path.display()))?))
 }
 
-/// A target's corpus entries, in name order.
+/// A target's corpus entries, in name order (none before `seed` wrote them).
 fn corpus(name: &str) -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
-    let dir = corpus_dir(name);
-    let mut paths: Vec<PathBuf> = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect(),
-        Err(_) => Vec::new(),
-    };
-    paths.sort();
-    paths.iter().map(|p| read(p)).collect()
+    match feedgraph_fuzz::read_corpus(name) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        r => r.with_context(|| format!("reading the corpus of {name}")),
+    }
 }
 
 fn seed() -> anyhow::Result<()> {

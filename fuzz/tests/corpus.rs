@@ -3,20 +3,18 @@
 //! then a short mutation pass per target (CI's short pass; `./dev fuzz` runs long).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use feedgraph_fuzz::{TARGETS, check, corpus_dir, mutate};
+use feedgraph_fuzz::{TARGETS, check, mutate, read_corpus};
 use rand::{Rng, SeedableRng};
 
 #[global_allocator]
 static ALLOC: feedgraph_fuzz::CountingAlloc = feedgraph_fuzz::CountingAlloc;
 
 fn corpus(name: &str) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(corpus_dir(name))
+    read_corpus(name)
         .unwrap_or_else(|e| panic!("{name} has no corpus ({e}): run `feedgraph-fuzz seed`"))
-        .map(|e| e.unwrap().path())
-        .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
-        .collect();
-    out.sort();
-    out
+        .into_iter()
+        .map(|(p, bytes)| (p.display().to_string(), bytes))
+        .collect()
 }
 
 #[test]
